@@ -1,0 +1,1 @@
+"""rlr-train: reward fine-tuning of text-to-image diffusion models."""

@@ -1,0 +1,1 @@
+"""Gradient estimators; each returns an EstimatorOutput whose loss gradient is its estimate."""

@@ -1,0 +1,80 @@
+"""Pathwise estimators: full backprop through the chain, and truncated backprop (DRaFT-K / AlignProp).
+
+Steps outside `grad_steps` run their UNet call without grad, but the sampler's linear update still
+carries the gradient of later steps through x (as AlignProp's `noise_pred.detach()` does).
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from rlr_cli.estimators.common import draw, require_differentiable, reward_metrics, score, utility
+from rlr_cli.interfaces import EstimatorOutput, Policy, Reward
+
+
+def _pathwise(policy, reward, prompts, generator, grad_steps, target, reward_scale) -> EstimatorOutput:
+    rollout = policy.sample(prompts, generator=generator, grad_steps=grad_steps)
+    rewards = score(policy, reward, rollout.final, prompts)
+    loss = -utility(rewards, target, reward_scale).mean()
+    metrics = reward_metrics(rewards) | {"grad_steps": float(len(grad_steps))}
+    return EstimatorOutput(loss=loss, rewards=rewards.detach(), metrics=metrics)
+
+
+class FullBackprop:
+    """Pathwise gradient through every transition (unbiased; memory bounded by checkpointing)."""
+
+    def __init__(self, target: float | None = None, reward_scale: float = 1.0):
+        self.target, self.reward_scale = target, reward_scale
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
+        require_differentiable(reward, "full_bp")
+        steps = list(range(policy.num_steps))
+        return _pathwise(policy, reward, prompts, generator, steps, self.target, self.reward_scale)
+
+
+class TruncatedBackprop:
+    """Pathwise gradient through the last K transitions only (biased: drops the earlier ones).
+
+    mode fixed: K = k. random_per_trajectory: K drawn once per batch (AlignProp). random_per_step: each
+    transition i kept on its own draw of K when i >= T - K (old AlignProp / trl).
+    """
+
+    def __init__(
+        self,
+        mode: Literal["fixed", "random_per_trajectory", "random_per_step"] = "fixed",
+        k: int = 1,
+        distribution: Literal["gaussian", "uniform"] = "uniform",
+        k_mean: float = 8.0,
+        k_std: float = 5.0,
+        k_min: int = 1,
+        k_max: int = 50,
+        target: float | None = None,
+        reward_scale: float = 1.0,
+    ):
+        if k < 1:
+            raise ValueError(f"truncated_bp needs k >= 1, got {k}")
+        self.mode, self.k, self.distribution = mode, k, distribution
+        self.k_mean, self.k_std, self.k_min, self.k_max = k_mean, k_std, k_min, k_max
+        self.target, self.reward_scale = target, reward_scale
+
+    def _draw_k(self, generator: torch.Generator, num_steps: int) -> int:
+        if self.distribution == "uniform":
+            k = draw(generator, self.k_min, self.k_max)
+        else:
+            k = round(self.k_mean + self.k_std * torch.randn(1, generator=generator).item())
+        return min(max(k, 1), num_steps)
+
+    def grad_steps(self, generator: torch.Generator, num_steps: int) -> list[int]:
+        if self.mode == "fixed":
+            k = min(self.k, num_steps)
+            return list(range(num_steps - k, num_steps))
+        if self.mode == "random_per_trajectory":
+            k = self._draw_k(generator, num_steps)
+            return list(range(num_steps - k, num_steps))
+        return [i for i in range(num_steps) if i >= num_steps - self._draw_k(generator, num_steps)]
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
+        require_differentiable(reward, "truncated_bp")
+        steps = self.grad_steps(generator, policy.num_steps)
+        return _pathwise(policy, reward, prompts, generator, steps, self.target, self.reward_scale)
