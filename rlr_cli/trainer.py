@@ -90,6 +90,8 @@ class Trainer:
             while self.state.step < cfg.max_steps:
                 metrics = self.train_step()
                 self.state.step += 1
+                if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
+                    self.stop_nonfinite()
                 if self.is_main:
                     self.logger.log(metrics, self.state.step)
                     bar.update(1)
@@ -148,13 +150,15 @@ class Trainer:
         self.state.nonfinite_in_a_row += 1
         self.state.nonfinite_total += 1
         self._say(f"step {self.state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, update skipped")
-        if self.state.nonfinite_in_a_row >= self.cfg.max_nonfinite:
-            self.checkpoint()
-            raise UserError(
-                f"{self.state.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite="
-                f"{self.cfg.max_nonfinite}); stopped. Weights of step {self.state.step} are saved in "
-                f"{self.run_dir / 'checkpoints'}; lower the learning rate or check the reward"
-            )
+
+    def stop_nonfinite(self) -> None:
+        """Keep the last good weights in a checkpoint, then stop with one clear message."""
+        folder = self.checkpoint()
+        raise UserError(
+            f"{self.state.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite="
+            f"{self.cfg.max_nonfinite}); stopped. The last good weights are in {folder}; "
+            f"lower the learning rate or check the reward"
+        )
 
     def _all_reduce_grads(self) -> None:
         """Average gradients of the trainable tensors over ranks (the policy is not DDP-wrapped)."""
