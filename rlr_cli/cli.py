@@ -139,16 +139,23 @@ def run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from rlr_cli.build import build
+    from rlr_cli.build import build, validate
     from rlr_cli.errors import UserError
+    from rlr_cli.launch import inside_group, launch_group
     from rlr_cli.trainer import Trainer
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        run = build(cfg)
-        result = Trainer(run, run_dir).train()
+        plain = validate(cfg)
+        if plain["trainer"]["num_processes"] * plain["trainer"]["num_machines"] > 1 and not inside_group():
+            status = launch_group(plain, run_dir)
+            if status != 0:
+                sys.exit(status)
+            result = {"run_dir": str(run_dir)}
+        else:
+            result = Trainer(build(cfg), run_dir).train()
     except UserError as error:
         fail(str(error))
     print(f"rlr-train: done; run folder {result['run_dir']}", flush=True)
