@@ -36,3 +36,8 @@ def test_two_job_multirun_writes_two_complete_run_folders(tmp_path):
     for run in runs:
         assert (run / "config.yaml").exists() and (run / "adapter" / "pytorch_lora_weights.safetensors").exists()
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    result = rlr_train("--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", run_dir=tmp_path)
+    assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout

@@ -121,3 +121,15 @@ def test_nonfinite_steps_are_skipped_then_stop_with_weights_kept(tmp_path, tiny_
     after = run.policy.named_trainable_parameters()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "checkpoints" / "step_3" / "state.json").exists()
+
+
+def test_rlr_eval_scores_the_final_adapter_with_several_rewards(short_run, tmp_path):
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "rlr_cli.evaluate", "--run", str(short_run), "model.num_steps=6",
+               "eval.rewards=[jpeg_compressibility]", "eval.num_prompts=3", f"eval.out={out}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "eval.json").read_text())
+    assert set(summary["rewards"]) == {"saturation", "jpeg_compressibility"}
+    assert all(len(r["scores"]) == 3 and r["se"] >= 0 for r in summary["rewards"].values())
+    assert (out / "grid.png").stat().st_size > 1000
