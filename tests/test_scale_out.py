@@ -36,6 +36,12 @@ def test_two_job_multirun_writes_two_complete_run_folders(tmp_path):
     for run in runs:
         assert (run / "config.yaml").exists() and (run / "adapter" / "pytorch_lora_weights.safetensors").exists()
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    report = subprocess.run([sys.executable, "scripts/reproduce.py", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    rows = [line for line in (tmp_path / "report" / "table.md").read_text().splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 and "| 2 |" in rows[0]  # the two seeds of one setup form one row
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 1000
 
 
 def test_slurm_launcher_config_composes(tmp_path):
