@@ -19,6 +19,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def plain(value):
+    """OmegaConf containers (what Hydra passes by default) -> plain dicts / lists; anything else as is."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or os.path.exists(source)
 
@@ -73,12 +82,18 @@ def resolve_file(source: str, *, cache_dir: str | None, key: str, what: str) -> 
         return source
     if _looks_local(source) or source.count("/") < 2:
         raise UserError(f"{what}: file {source!r} does not exist; set reward.{key}= to a local file")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 
     repo_id, filename = _hub_parts(source)
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    if isinstance(cached, str):
+        return cached
     offline = _offline()
     try:
-        return hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=offline)
+        if offline:
+            raise FileNotFoundError(source)
+        HfApi().repo_info(repo_id, timeout=10)  # fails at once without a hub; the download would retry for ~25 s
+        return hf_hub_download(repo_id, filename, cache_dir=cache_dir)
     except Exception as error:  # any failure to fetch means the same thing to the user: no weights
         reason = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline else _reason(error)
         raise _missing(what, source, key, reason, "file") from None

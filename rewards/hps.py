@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from rewards.common import checkpoint_layers, follow_device, freeze, load_strict, read_state_dict, resolve_file
-from rewards.common import torch_dtype
+from rewards.common import plain, torch_dtype
 from rewards.preprocess import ClipPreprocess
 from rlr_cli.errors import UserError
 
@@ -42,7 +42,7 @@ class HPSv2:
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise UserError(f"{what}: {weights!r} has no 'state_dict' entry; is it an HPS checkpoint?")
         # model_config (embed_dim / vision_cfg / text_cfg) replaces parts of ViT-H-14: for stand-ins only
-        model = open_clip.create_model("ViT-H-14", pretrained=None, **dict(model_config or {}))
+        model = open_clip.create_model("ViT-H-14", pretrained=None, **(plain(model_config) or {}))
         load_strict(model, checkpoint["state_dict"], f"{what} {weights}")
         self.model = freeze(model, self.dtype)
         if gradient_checkpointing:

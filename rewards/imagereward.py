@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from rewards.common import MLPHead, checkpoint_layers, follow_device, freeze, load_strict, read_state_dict
-from rewards.common import resolve_file, resolve_folder, torch_dtype
+from rewards.common import plain, resolve_file, resolve_folder, torch_dtype
 from rewards.preprocess import ClipPreprocess
 from rlr_cli.errors import UserError
 
@@ -114,6 +114,8 @@ def build_configs(med_config: dict, vision_config: dict | None):
         hidden_act=med_config.get("hidden_act", "gelu"),
         layer_norm_eps=med_config.get("layer_norm_eps", 1e-12),
         pad_token_id=med_config.get("pad_token_id", 0),
+        bos_token_id=None,  # generation ids: unused by the encoder, and out of range in small vocabularies
+        sep_token_id=None,
         encoder_hidden_size=vision.hidden_size,  # BLIP sets encoder_width to the ViT width
         is_decoder=True,  # builds the cross-attention layers; forward runs with is_decoder=False
     )
@@ -158,7 +160,7 @@ class ImageReward:
         config_file = resolve_file(f"{base}/med_config.json", cache_dir=cache_dir, key="path", what=what)
         with open(config_file) as file:
             med_config = json.load(file)
-        vision, text = build_configs(med_config, vision_config)
+        vision, text = build_configs(med_config, plain(vision_config))
         self.tokenizer = load_tokenizer(tokenizer_path, cache_dir, what)
         if len(self.tokenizer) != text.vocab_size:
             raise UserError(

@@ -195,7 +195,11 @@ def write_imagereward(directory: str) -> dict:
         json.dump(med_config, file, indent=2)
     torch.manual_seed(0)
     vision, text = build_configs(med_config, TINY_BLIP_VIT)
-    state = imagereward_original_keys(ImageRewardModel(vision, text).state_dict())
+    model = ImageRewardModel(vision, text)
+    for module in model.modules():  # BERT's std-0.02 init makes a tiny model ignore its inputs; widen it
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=module.weight.shape[-1] ** -0.5)
+    state = imagereward_original_keys(model.state_dict())
     state["blip.text_encoder.embeddings.position_ids"] = torch.arange(text.max_position_embeddings)[None]
     torch.save(state, os.path.join(directory, "ImageReward.pt"))
     return {"path": directory, "tokenizer_path": tokenizer_dir, "vision_config": dict(TINY_BLIP_VIT)}
