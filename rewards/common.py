@@ -133,14 +133,15 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
 
 def check_loading_info(info: Mapping[str, list], what: str) -> None:
     """Raise a UserError when transformers' from_pretrained(output_loading_info=True) left keys unmatched."""
+    listed = {name: sorted(map(str, info.get(name) or [])) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = [
-        f"{label}: {', '.join(map(str, info.get(name, [])[:5]))} ({len(info.get(name, []))})"
+        f"{label}: {', '.join(listed[name][:5])}{' ...' if len(listed[name]) > 5 else ''} ({len(listed[name])})"
         for name, label in (
             ("missing_keys", "missing keys"),
             ("unexpected_keys", "unexpected keys"),
             ("mismatched_keys", "wrong shapes"),
         )
-        if info.get(name)
+        if listed[name]
     ]
     if problems:
         raise UserError(f"{what}: weights do not match the architecture; " + "; ".join(problems))

@@ -25,13 +25,28 @@ class ClipPreprocess:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     def __call__(self, images: Tensor) -> Tensor:
-        if min(images.shape[-2:]) != self.size:
-            images = TF.resize(images, [self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-            images = images.clamp(0, 1)  # bicubic overshoots; PIL clips to [0,255] the same way
+        images = resize_shortest_side(images, self.size)
         images = TF.center_crop(images, [self.crop_size, self.crop_size])
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         return (images - mean) / std
+
+
+def resize_shortest_side(images: Tensor, size: int) -> Tensor:
+    """(B,C,H,W) in [0,1] -> shortest side `size` (long side truncated, as torchvision / transformers),
+    bicubic with antialias, as PIL does it: width pass, clip to [0,1], height pass, clip. The clip between
+    the passes matters: without it, overshoot at saturated edges differs from PIL by up to 5/255."""
+    height, width = images.shape[-2:]
+    if height <= width:
+        new_height, new_width = size, int(size * width / height)
+    else:
+        new_height, new_width = int(size * height / width), size
+    bicubic = InterpolationMode.BICUBIC
+    if new_width != width:
+        images = TF.resize(images, [height, new_width], interpolation=bicubic, antialias=True).clamp(0, 1)
+    if new_height != height:
+        images = TF.resize(images, [new_height, new_width], interpolation=bicubic, antialias=True).clamp(0, 1)
+    return images
 
 
 def _side(value) -> int | None:
