@@ -375,3 +375,34 @@ def test_tensor_preprocessing_matches_each_rewards_pil_processor_on_photos(built
         lines.append(f"{label}: max |tensor - processor| = {worst:.4f}")
         assert worst < 0.05, label
     print("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _target_nodes(node, where="reward"):
+    """(where, node) for every `_target_` node under node, depth first."""
+    if OmegaConf.is_dict(node):
+        if "_target_" in node:
+            yield where, node
+        for key, value in node.items_ex(resolve=False):
+            yield from _target_nodes(value, f"{where}.{key}")
+    elif OmegaConf.is_list(node):
+        for i, value in enumerate(node):
+            yield from _target_nodes(value, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in (CONFIG_DIR / "reward").glob("*.yaml")))
+def test_reward_config_keys_match_the_init_signature_exactly(name):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        config = compose("score", overrides=[f"reward={name}"])
+    nodes = list(_target_nodes(config.reward))
+    assert nodes, f"configs/reward/{name}.yaml has no _target_ node"
+    for where, node in nodes:
+        parameters = inspect.signature(get_class(node._target_).__init__).parameters
+        keys = {key for key in node if key != "_target_"}
+        assert keys == set(parameters) - {"self"}, where
+        for key in keys:
+            default = parameters[key].default
+            if not OmegaConf.is_config(node[key]) and default is not inspect.Parameter.empty:
+                assert node[key] == default, f"{where}.{key}: config {node[key]!r} vs __init__ default {default!r}"
