@@ -43,8 +43,9 @@ def _reason(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:200]
 
 
-def _missing(what: str, source: str, key: str, reason: str, kind: str) -> UserError:
+def _missing(what: str, source: str, key: str, reason: str, kind: str, patterns: list[str] | None = None) -> UserError:
     download = "hf download " + (source if kind == "folder" else " ".join(_hub_parts(source)))
+    download += "".join(f" --include '{pattern}'" for pattern in patterns or [])
     return UserError(
         f"{what}: cannot get hub {kind} {source!r} ({reason}); download it (`{download}`) "
         f"and pass the local {kind} with reward.{key}=/local/{kind}"
@@ -64,7 +65,7 @@ def resolve_folder(
     if os.path.isdir(source):
         return source
     if _looks_local(source):
-        raise UserError(f"{what}: folder {source!r} does not exist; set reward.{key}= to a local folder")
+        raise UserError(f"{what}: {source!r} is not an existing folder; set reward.{key}= to a local folder")
     from huggingface_hub import snapshot_download
 
     offline = _offline()
@@ -72,7 +73,7 @@ def resolve_folder(
         return snapshot_download(source, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=offline)
     except Exception as error:  # any failure to fetch means the same thing to the user: no weights
         reason = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline else _reason(error)
-        raise _missing(what, source, key, reason, "folder") from None
+        raise _missing(what, source, key, reason, "folder", patterns) from None
 
 
 def resolve_file(source: str, *, cache_dir: str | None, key: str, what: str) -> str:
@@ -81,7 +82,7 @@ def resolve_file(source: str, *, cache_dir: str | None, key: str, what: str) -> 
     if os.path.isfile(source):
         return source
     if _looks_local(source) or source.count("/") < 2:
-        raise UserError(f"{what}: file {source!r} does not exist; set reward.{key}= to a local file")
+        raise UserError(f"{what}: {source!r} is not an existing file; set reward.{key}= to a local file")
     from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 
     repo_id, filename = _hub_parts(source)

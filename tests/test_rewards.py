@@ -282,7 +282,7 @@ def test_missing_head_names_the_head_key(monkeypatch, standin, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"trl-lib/ddpo-aesthetic-predictor aesthetic-model.pth.*reward\.head="):
         AestheticScore(path=standin("aesthetic")["path"], cache_dir=str(tmp_path))
-    with pytest.raises(UserError, match=r"does not exist.*reward\.head="):
+    with pytest.raises(UserError, match=r"is not an existing file.*reward\.head="):
         AestheticScore(path=standin("aesthetic")["path"], head=str(tmp_path / "nope.pth"))
 
 
