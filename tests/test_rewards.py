@@ -203,6 +203,19 @@ def test_strict_loading_rejects_a_missing_or_extra_key(standin, tmp_path, part, 
         assert "extra.weight" in str(error.value)
 
 
+def test_clip_checkpoints_with_old_persistent_position_ids_still_load(standin, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "clip"
+    shutil.copytree(standin("aesthetic")["path"], folder)
+    state = load_file(folder / "model.safetensors")
+    for tower, length in (("text_model", 77), ("vision_model", 50)):  # as in 2021-era CLIP checkpoints
+        state[f"{tower}.embeddings.position_ids"] = torch.arange(length)[None]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    reward = AestheticScore(path=str(folder), head=standin("aesthetic")["head"])
+    assert torch.isfinite(reward(images(1), PROMPTS[:1])).all()
+
+
 @pytest.mark.skipif(not REAL_HEAD.is_file(), reason=f"real aesthetic head not found at {REAL_HEAD}")
 def test_real_aesthetic_head_loads_strictly_on_a_768_d_clip(standin):
     reward = AestheticScore(path=standin("aesthetic")["path"], head=str(REAL_HEAD))
