@@ -419,3 +419,33 @@ def test_reward_config_keys_match_the_init_signature_exactly(name):
             default = parameters[key].default
             if not OmegaConf.is_config(node[key]) and default is not inspect.Parameter.empty:
                 assert node[key] == default, f"{where}.{key}: config {node[key]!r} vs __init__ default {default!r}"
+
+
+@pytest.mark.parametrize("scale", [0.2, 0.005])  # 0.2 exposes a wrong GELU, 0.005 a wrong LayerNorm eps
+def test_imagereward_vision_mapping_matches_a_timm_vit_with_blips_layout(scale):
+    """BLIP's ViT is timm's VisionTransformer (qkv bias, LayerNorm eps 1e-6, exact GELU, CLS token): a
+    timm ViT's weights, renamed from the ImageReward.pt layout, must give the same hidden states."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BlipVisionModel
+
+    from rewards.imagereward import build_configs
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                            qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0).eval()
+    for name, parameter in vit.named_parameters():  # no parameter left at a symmetric init (LayerNorm 1/0)
+        torch.nn.init.normal_(parameter, std=0.5 if "norm" in name else scale)
+    original = {f"blip.visual_encoder.{key}": value for key, value in vit.state_dict().items()}
+    renamed = {key.removeprefix("vision_model."): value for key, value in rename_checkpoint(original).items()}
+    med = {"vocab_size": 10, "hidden_size": 12, "intermediate_size": 24, "num_hidden_layers": 1,
+           "num_attention_heads": 12, "max_position_embeddings": 40}
+    vision, _ = build_configs(med, {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4})
+    blip = BlipVisionModel(vision).eval()
+    blip.load_state_dict(renamed, strict=True)
+    pixels = torch.randn(2, 3, 224, 224)
+    # measured: ~1e-6 when right; eps 1e-5 gives 4e-2 at scale 0.005, tanh-GELU 3e-4 at scale 0.2
+    torch.testing.assert_close(blip(pixel_values=pixels).last_hidden_state, vit.forward_features(pixels),
+                               rtol=0, atol=2e-5)
