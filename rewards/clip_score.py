@@ -10,15 +10,14 @@ from rewards.common import check_loading_info, checkpoint_layers, follow_device,
 from rewards.preprocess import clip_preprocess
 from rlr_cli.errors import UserError
 
-MODEL_FILES = ["*.json", "*.txt", "*.safetensors"]  # what a CLIPModel folder needs from a hub repo
-PROCESSOR_FILES = ["*.json", "*.txt"]  # tokenizer + preprocessor config, not the repo's weights
+CONFIG_FILES = ["*.json", "*.txt"]  # configs, tokenizer, preprocessor config: never a repo's other weights
 
 
 def load_clip(path: str, cache_dir: str | None, what: str, key: str = "path"):
     """A transformers CLIPModel from a local folder or hub id, loaded strictly -> (model, local folder)."""
     from transformers import CLIPModel
 
-    folder = resolve_folder(path, cache_dir=cache_dir, key=key, what=what, patterns=MODEL_FILES)
+    folder = resolve_folder(path, cache_dir=cache_dir, key=key, what=what, patterns=CONFIG_FILES, weights=True)
     try:
         model, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
     except (OSError, ValueError) as error:
@@ -55,7 +54,7 @@ class ClipScore:
         self.dtype = torch_dtype(dtype)
         model, folder = load_clip(path, cache_dir, what)
         processor = folder if processor_path is None else resolve_folder(
-            processor_path, cache_dir=cache_dir, key="processor_path", what=what, patterns=PROCESSOR_FILES
+            processor_path, cache_dir=cache_dir, key="processor_path", what=what, patterns=CONFIG_FILES
         )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(processor)

@@ -58,22 +58,31 @@ def _hub_parts(source: str) -> tuple[str, str]:
 
 
 def resolve_folder(
-    source: str, *, cache_dir: str | None, key: str, what: str, patterns: list[str] | None = None
+    source: str, *, cache_dir: str | None, key: str, what: str, patterns: list[str], weights: bool = False
 ) -> str:
-    """A local folder, or a hub repo id fetched into `cache_dir` (only `patterns` files) -> local folder."""
+    """A local folder, or a hub repo id fetched into `cache_dir` -> local folder. Only `patterns` files
+    are fetched, plus with `weights` the repo's *.safetensors (or *.bin where it has no safetensors)."""
     source = os.path.expanduser(source)
     if os.path.isdir(source):
         return source
     if _looks_local(source):
         raise UserError(f"{what}: {source!r} is not an existing folder; set reward.{key}= to a local folder")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     offline = _offline()
     try:
-        return snapshot_download(source, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=offline)
+        if offline:
+            wanted = patterns + (["*.safetensors", "*.bin"] if weights else [])
+            return snapshot_download(source, cache_dir=cache_dir, allow_patterns=wanted, local_files_only=True)
+        info = HfApi().repo_info(source, timeout=10)  # one request, no retries: fails at once without a hub
+        files = [sibling.rfilename for sibling in info.siblings or []]
+        if weights:
+            patterns = patterns + ["*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"]
+        return snapshot_download(source, cache_dir=cache_dir, allow_patterns=patterns)
     except Exception as error:  # any failure to fetch means the same thing to the user: no weights
         reason = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline else _reason(error)
-        raise _missing(what, source, key, reason, "folder", patterns) from None
+        hint = patterns + (["*.safetensors"] if weights else [])
+        raise _missing(what, source, key, reason, "folder", hint) from None
 
 
 def resolve_file(source: str, *, cache_dir: str | None, key: str, what: str) -> str:

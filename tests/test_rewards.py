@@ -289,6 +289,18 @@ def test_missing_weights_offline_fail_fast_with_hub_id_and_config_key(monkeypatc
     assert hub_id in message and key in message and "\n" not in message
 
 
+@pytest.mark.parametrize("name", ["aesthetic", "hps", "imagereward"])  # hub folder, hub file, hub file + folder
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch, tmp_path, name):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"cannot get hub .*hf download .*reward\.path="):
+        CLASSES[name](cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 5  # the hub client's own retries would take ~25 s
+
+
 def test_missing_head_names_the_head_key(monkeypatch, standin, tmp_path):
     from huggingface_hub import constants
 
