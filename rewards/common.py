@@ -29,7 +29,8 @@ def plain(value):
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or os.path.exists(source)
+    """A path rather than a hub id: absolute, ./ or ~ prefixed, or its first part exists here."""
+    return source.startswith(("/", ".", "~")) or os.path.exists(source.split("/")[0])
 
 
 def _offline() -> bool:
