@@ -65,6 +65,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(run.seed + 1_000_003 * self.rank)
         self.state = TrainState()
         self.run_dir = self._resume(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = run.logger.open(self.run_dir, run.config) if self.is_main else None
 
     # ---- resume ----------------------------------------------------------------------------------
