@@ -1,0 +1,109 @@
+"""Checkpoints: written atomically (temporary folder + rename), restored exactly (weights, optimizer,
+LR schedule, RNG states, trainer and estimator state).
+
+Layout of checkpoints/step_N/: adapter/ (diffusers LoRA format), optimizer.pt (tensors only, loaded with
+weights_only=True), state.json (step, counters, LR schedule, estimator state, Python/NumPy RNG),
+rng_rank{r}.safetensors (torch and sampling-generator states of each rank).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlr_cli.errors import UserError
+
+REQUIRED = ("adapter", "optimizer.pt", "state.json")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    folders = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "state.json").exists()]
+    return sorted(folders, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """Newest checkpoint of this run folder, else of its sibling runs (same parent folder)."""
+    own = checkpoint_dirs(run_dir)
+    if own:
+        return own[-1]
+    siblings = [c for sibling in run_dir.parent.glob("*") if sibling.is_dir() for c in checkpoint_dirs(sibling)[-1:]]
+    return max(siblings, key=lambda p: p.stat().st_mtime) if siblings else None
+
+
+def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, policy, optimizer, scheduler, generator, estimator,
+                    rank: int, barrier) -> Path:
+    """Every rank calls this; rank 0 writes the shared files and publishes the folder by renaming it."""
+    final = run_dir / "checkpoints" / f"step_{state.step}"
+    scratch = run_dir / "checkpoints" / f".incomplete_step_{state.step}"
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    barrier()
+    save_file(_rng_tensors(generator), str(scratch / f"rng_rank{rank}.safetensors"))
+    if rank == 0:
+        policy.save_adapter(str(scratch / "adapter"))
+        torch.save(optimizer.state_dict(), scratch / "optimizer.pt")
+        numpy_state = np.random.get_state()
+        payload = {
+            "trainer": asdict(state),
+            "scheduler": scheduler.state_dict(),
+            "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
+            "python_rng": random.getstate(),
+            "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        }
+        (scratch / "state.json").write_text(json.dumps(payload))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        scratch.rename(final)
+    barrier()
+    return final
+
+
+def load_checkpoint(folder: Path, policy, optimizer, scheduler, generator, estimator, rank: int) -> TrainState:
+    """Restore everything save_checkpoint wrote; a corrupt or partial folder is a UserError."""
+    missing = [name for name in REQUIRED if not (folder / name).exists()]
+    if missing:
+        raise UserError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); pick another one")
+    try:
+        payload = json.loads((folder / "state.json").read_text())
+        policy.load_adapter(str(folder / "adapter"))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        rng_file = folder / f"rng_rank{rank}.safetensors"
+        rng = load_file(str(rng_file if rng_file.exists() else folder / "rng_rank0.safetensors"))
+    except UserError:
+        raise
+    except Exception as error:  # truncated files, bad JSON, wrong shapes: all mean the same to the user
+        raise UserError(f"checkpoint {folder} cannot be read ({type(error).__name__}: {error})") from None
+    scheduler.load_state_dict(payload["scheduler"])
+    if payload["estimator"] is not None and hasattr(estimator, "load_state_dict"):
+        estimator.load_state_dict(payload["estimator"])
+    random.setstate((payload["python_rng"][0], tuple(payload["python_rng"][1]), payload["python_rng"][2]))
+    kind, keys, *rest = payload["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["generator"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return TrainState(**payload["trainer"])
