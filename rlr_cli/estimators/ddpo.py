@@ -5,8 +5,9 @@ rewards into advantages and lays out the whole schedule of the batch: `num_inner
 shuffling the samples and, independently per sample, the timesteps, cut into sub-batches of
 `train_batch_size`, `grad_accum` sub-batches per optimizer step. Later calls consume that schedule
 (the prompts they are given are ignored until the buffer is empty again). Each (sub-batch, timestep)
-term is differentiated at once (common.GradientSum): one UNet graph alive at a time, as ddpo-pytorch's
-per-timestep backward.
+term is differentiated at once (common.GradientSum): the graphs of one sub-batch at one timestep slot
+alive at a time, as with ddpo-pytorch's per-timestep backward. The Policy protocol runs one transition
+index per call, so a sub-batch whose samples sit at different timesteps takes one call per timestep.
 
 Parity: the loss of one term is mean_b max(-A ratio, -A clip(ratio, 1 - c, 1 + c)), ratio =
 exp(log p_new - log p_old), log p averaged over latent dims; a step's gradient is the mean of its
@@ -142,6 +143,8 @@ class DDPO:
         for idx, times in group:
             used.append(idx)
             for slot in range(trained):
+                # one term per (sub-batch, slot): the sub-batch's UNet calls, split by timestep
+                term = 0.0
                 for i in times[:, slot].unique().tolist():
                     members = idx[times[:, slot] == i]
                     sub = select(rollout, members)
@@ -153,9 +156,9 @@ class DDPO:
                     if self.clip_range is not None:
                         loss = torch.maximum(loss, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
                         clipped.append(((ratio.detach() - 1).abs() > self.clip_range).float())
-                    # the term's share of mean_b over the sub-batch
-                    grads.add(per_term * loss.sum() / len(idx))
+                    term = term + per_term * loss.sum() / len(idx)  # its share of mean_b over the sub-batch
                     kls.append(0.5 * (new.detach() - old) ** 2)
+                grads.add(term)
         used = torch.cat(used)
         metrics = reward_metrics(buffer["rewards"]) | {
             "approx_kl": torch.cat(kls).mean().item(),

@@ -8,7 +8,9 @@ With K = fo_steps and a sub-chain of h transitions starting at a random transiti
       two-point SPSA on the trainable parameters, perturbed only at the transitions of C
 Every transition is covered once, so for any j the sum is unbiased (the leave-one-out baselines keep it
 so); log-densities are SUMMED over latent dims. ZO terms are differentiated one step at a time
-(common.GradientSum), so memory does not grow with T.
+(common.GradientSum), so memory does not grow with T. The rollout is sampled without grad and the FO
+transitions re-run with their stored noises (K extra UNet forwards), so that the param mode can
+perturb the weights in place before any graph holds them.
 """
 from __future__ import annotations
 
@@ -125,34 +127,40 @@ class RLR:
                 f"{type(reward).__name__} is not differentiable; set estimator.fo_steps=0"
             )
         start = draw(generator, 0, t - k - h)  # HO covers transitions start .. start+h-1
-        rollout = policy.sample(prompts, generator=generator, grad_steps=range(t - k, t))
-        rewards = score(policy, reward, rollout.final, prompts)
+        others = [i for i in range(t - k) if not start <= i < start + h]  # C: the ZO transitions
+        steps, weight = self._zo_steps(generator, others)
+        with torch.no_grad():
+            rollout = detached(policy.sample(prompts, generator=generator, grad_steps=()))
+        zo = GradientSum(policy.trainable_parameters())
+        if steps and self.zo["mode"] == "param":  # first: it perturbs the weights in place, no graph may hold them
+            g = spsa_gradient(
+                policy, reward, rollout, steps, float(self.zo["sigma"]), generator, self.target, self.reward_scale
+            )
+            zo.add_gradient([-self.zo_weight * weight * gi for gi in g])
+
+        # 1. FO: the last k transitions re-run with their own noises from a detached x_{T-k}, pathwise
+        #    through them, the decoder and the reward (x_0 equals the rollout's)
+        x = rollout.latents[:, t - k]
+        for i in range(t - k, t):
+            x = policy.transition(rollout, i, x).sample
+        with torch.set_grad_enabled(k > 0):
+            rewards = score(policy, reward, x, prompts)
         u = utility(rewards, self.target, self.reward_scale)
+        fo_loss = -self.fo_weight * u.mean() if k > 0 else u.new_zeros(())
         adv = advantages(u, prompts, self.baseline, self.advantage_std)
 
-        # 1. FO: pathwise through the last k transitions (their graph came with the rollout)
-        fo_loss = -self.fo_weight * u.mean() if k > 0 else u.new_zeros(())
-
         # 2. HO: h transitions with grad from a detached start, borrowed noise of the last one
-        x = rollout.latents[:, start].detach()
+        x = rollout.latents[:, start]
         for i in range(start, start + h - 1):
             x = policy.transition(rollout, i, x).sample
         last = policy.transition(rollout, start + h - 1, x)
         log_density = gaussian_log_density(rollout.latents[:, start + h], last.mean, last.std)
         ho_loss = -self.ho_weight * (adv * log_density).mean()
 
-        # 3. ZO: every transition above the FO part outside the sub-chain, or a weighted subset
-        others = [i for i in range(t - k) if not start <= i < start + h]
-        steps, weight = self._zo_steps(generator, others)
-        zo = GradientSum(policy.trainable_parameters())
+        # 3. ZO, latent mode: one likelihood-ratio term per transition of C (or of the subset)
         if steps and self.zo["mode"] == "latent":
             for i in steps:
                 zo.add(-self.zo_weight * weight * (adv * policy.step_log_prob(rollout, i, reduce="sum")).mean())
-        elif steps:
-            g = spsa_gradient(
-                policy, reward, rollout, steps, float(self.zo["sigma"]), generator, self.target, self.reward_scale
-            )
-            zo.add_gradient([-self.zo_weight * weight * gi for gi in g])
 
         loss = fo_loss + ho_loss + zo.loss(fo_loss)
         metrics = reward_metrics(rewards) | {
