@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlr_cli.estimators.backprop import DraftLV, FullBackprop, ReFL, TruncatedBackprop
-from rlr_cli.estimators.checks import bias_statistics, draw_estimates
+from rlr_cli.estimators.checks import bias_statistics, draw_estimates, projected_bias
 from rlr_cli.estimators.common import leave_one_out_mean
 from rlr_cli.estimators.ddpo import DDPO, PerPromptStatTracker
 from rlr_cli.estimators.linear_gaussian import default_problem
@@ -153,6 +153,14 @@ def test_refl_runs_and_uses_a_late_step(problem):
 
 
 # ---- tiny UNet chain ---------------------------------------------------------------------------------
+# main's tiny SD-shaped pipeline: T = 4 DDIM steps (eta 1: sigma 0.78, 0.52, 0.041, 0.021), 16 px, LoRA
+# r=2 (gaussian init), saturation reward, B = 16. The reference is the mean of 60 full-backprop
+# gradients; bias is measured along the reference's direction (checks.projected_bias), where the
+# likelihood-ratio noise of ~5k LoRA weights is small enough to test in seconds. RLR runs with
+# fo_steps = 2: a likelihood ratio at sigma 0.04 / 0.02 has a variance no CPU test can average away.
+TINY_BATCH, TINY_REFERENCE = 16, 60
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from rewards.simple import Saturation
@@ -167,6 +175,29 @@ def tiny(tmp_path_factory):
         lora={"rank": 2, "alpha": 2, "init": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
     )
     reward = Saturation()
-    prompts = ["a red circle", "a blue square"] * 2
+    prompts = ["a red circle", "a blue square"] * (TINY_BATCH // 2)
     reference, _, _ = draw_estimates(FullBackprop(), policy, reward, prompts, TINY_REFERENCE, seed=100)
     return policy, reward, prompts, reference
+
+
+TINY_UNBIASED = {
+    "full_bp": (lambda: FullBackprop(), 30),
+    "rlr_k2_h1": (lambda: RLR(h=1, fo_steps=2), 60),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_UNBIASED))
+def test_unbiased_on_tiny_unet(tiny, name):
+    policy, reward, prompts, reference = tiny
+    make, n = TINY_UNBIASED[name]
+    estimates, _, _ = draw_estimates(make(), policy, reward, prompts, n, seed=1)
+    stats = projected_bias(estimates, reference)
+    assert abs(stats["rel_bias_v"]) < 3 * stats["rel_bias_v_se"], stats
+    assert stats["rel_bias_v_se"] < 0.5, f"too few draws to say anything: {stats}"
+
+
+def test_truncated_bp_biased_on_tiny_unet(tiny):
+    policy, reward, prompts, reference = tiny
+    estimates, _, _ = draw_estimates(TruncatedBackprop(k=1), policy, reward, prompts, 20, seed=1)
+    stats = projected_bias(estimates, reference)
+    assert abs(stats["rel_bias_v"]) > 5 * stats["rel_bias_v_se"], stats

@@ -105,3 +105,21 @@ def bias_statistics(estimates: Tensor, g: Tensor, reference: Tensor | None = Non
         "variance": float(variance),
         "cosine": float(torch.nn.functional.cosine_similarity(mean, g, dim=0)),
     }
+
+
+def projected_bias(estimates: Tensor, reference: Tensor) -> dict[str, float]:
+    """Relative bias along the reference's direction, with its SE (a scalar t-test; far more power).
+
+    An unbiased estimator is unbiased along any fixed direction v. v comes from the first half of the
+    reference draws, g.v from the second half, so v is independent of everything it is compared with:
+      rel_bias = (mean(G) . v - mean(R2) . v) / (mean(R2) . v),  SE from the variances of G.v and R2.v.
+    """
+    half = reference.shape[0] // 2
+    v = reference[:half].mean(dim=0)
+    v = v / v.norm()
+    est, ref = estimates @ v, reference[half:] @ v
+    scale = ref.mean().abs()
+    return {
+        "rel_bias_v": float((est.mean() - ref.mean()) / scale),
+        "rel_bias_v_se": float((est.var() / est.numel() + ref.var() / ref.numel()).sqrt() / scale),
+    }
