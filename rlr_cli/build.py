@@ -141,19 +141,34 @@ class Run:
     config: dict
 
 
-def build(cfg: DictConfig) -> Run:
-    """Validate, then instantiate every group (weights load here)."""
+def _instantiate(node: dict) -> Any:
+    """hydra's instantiate, with our UserErrors unwrapped from its InstantiationException."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def build(cfg: DictConfig) -> Run:
+    """Validate, then instantiate every group (weights load here) under the run's seed."""
+    from accelerate.utils import set_seed
+
     plain = validate(cfg)
-    objects = {group: instantiate(plain[group], _convert_="all") for group in GROUPS}
+    set_seed(int(plain.get("seed", 0)))  # random inits (e.g. LoRA) are the same in every run and rank
+    objects = {group: _instantiate(plain[group]) for group in GROUPS}
     objects["policy"] = objects.pop("model")
     return Run(**objects, seed=int(plain.get("seed", 0)), config=plain)
 
 
 def instantiate_node(node: dict) -> Any:
     """Build one `_target_` node (used by tools that need a single component, e.g. a reward)."""
-    from hydra.utils import instantiate
-
     check_node(node, node.get("_target_", "node"))
-    return instantiate(node, _convert_="all")
+    return _instantiate(node)

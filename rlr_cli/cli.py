@@ -95,6 +95,23 @@ def compose(overrides: list[str]):
     return cfg
 
 
+def unknown_key_message(overrides: list[str], error: BaseException) -> str | None:
+    """For `group.key=value` where key does not exist: name the key and list the valid ones."""
+    from omegaconf import OmegaConf
+
+    text = str(error)
+    for override in overrides:
+        key = override.partition("=")[0]
+        if f"'{key}'" in text and "Could not override" in text and "." in key:
+            parent, _, leaf = key.rpartition(".")
+            groups = [o for o in overrides if "." not in o.partition("=")[0]]
+            node = OmegaConf.select(compose(groups), parent)
+            if node is not None and leaf not in node:
+                valid = ", ".join(k for k in node.keys() if not str(k).startswith("_"))
+                return f"{key}: unknown option; valid options: {valid}"
+    return None
+
+
 def precheck(argv: list[str]) -> None:
     """Validate every job a command would run, before Hydra starts any of them."""
     from hydra.errors import HydraException
@@ -114,7 +131,7 @@ def precheck(argv: list[str]) -> None:
     except UserError as error:
         fail(str(error))
     except (HydraException, OmegaConfBaseException) as error:
-        fail(first_line(error))
+        fail(unknown_key_message(job_overrides, error) or first_line(error))
 
 
 def run_job(cfg) -> None:
@@ -122,16 +139,23 @@ def run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from rlr_cli.build import build
+    from rlr_cli.build import build, validate
     from rlr_cli.errors import UserError
+    from rlr_cli.launch import inside_group, launch_group
     from rlr_cli.trainer import Trainer
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        run = build(cfg)
-        result = Trainer(run, run_dir).train()
+        plain = validate(cfg)
+        if plain["trainer"]["num_processes"] * plain["trainer"]["num_machines"] > 1 and not inside_group():
+            status = launch_group(plain, run_dir)
+            if status != 0:
+                sys.exit(status)
+            result = {"run_dir": str(run_dir)}
+        else:
+            result = Trainer(build(cfg), run_dir).train()
     except UserError as error:
         fail(str(error))
     print(f"rlr-train: done; run folder {result['run_dir']}", flush=True)

@@ -40,6 +40,13 @@ class TrainerConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False  # force the CPU even when a GPU is present
     progress: bool = True  # progress bar on rank 0
+    # Several processes: the Hydra job starts `accelerate launch` with these (see rlr_cli/launch.py).
+    num_processes: int = 1  # processes per machine (GPUs; on a CPU-only machine, gloo ranks)
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None  # address of machine 0 (multi-node)
+    main_process_port: int | None = None  # null: a free port
+    accelerate_config: str | None = None  # accelerate config file (DeepSpeed / FSDP), passed as --config_file
 
 
 class Trainer:
@@ -90,6 +97,8 @@ class Trainer:
             while self.state.step < cfg.max_steps:
                 metrics = self.train_step()
                 self.state.step += 1
+                if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
+                    self.stop_nonfinite()
                 if self.is_main:
                     self.logger.log(metrics, self.state.step)
                     bar.update(1)
@@ -99,6 +108,7 @@ class Trainer:
                 if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
                     self.evaluate()
             self.save_final_adapter()
+            self.check_ranks_in_sync()
         except KeyboardInterrupt:
             self._say(f"interrupted at step {self.state.step}: saving a checkpoint")
             self.checkpoint()
@@ -148,13 +158,15 @@ class Trainer:
         self.state.nonfinite_in_a_row += 1
         self.state.nonfinite_total += 1
         self._say(f"step {self.state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, update skipped")
-        if self.state.nonfinite_in_a_row >= self.cfg.max_nonfinite:
-            self.checkpoint()
-            raise UserError(
-                f"{self.state.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite="
-                f"{self.cfg.max_nonfinite}); stopped. Weights of step {self.state.step} are saved in "
-                f"{self.run_dir / 'checkpoints'}; lower the learning rate or check the reward"
-            )
+
+    def stop_nonfinite(self) -> None:
+        """Keep the last good weights in a checkpoint, then stop with one clear message."""
+        folder = self.checkpoint()
+        raise UserError(
+            f"{self.state.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite="
+            f"{self.cfg.max_nonfinite}); stopped. The last good weights are in {folder}; "
+            f"lower the learning rate or check the reward"
+        )
 
     def _all_reduce_grads(self) -> None:
         """Average gradients of the trainable tensors over ranks (the policy is not DDP-wrapped)."""
@@ -217,6 +229,18 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             scratch.rename(final)
         self.accelerator.wait_for_everyone()
+
+    def check_ranks_in_sync(self) -> None:
+        """Multi-process runs: every rank must end with the same weights (else gradients were not shared)."""
+        if self.world == 1:
+            return
+        flat = torch.cat([p.detach().flatten().float() for p in self.params]).to(self.accelerator.device)
+        gathered = self.accelerator.gather(flat[None])
+        spread = (gathered - gathered[0]).abs().max().item()
+        if self.is_main:
+            _write_json(self.run_dir / "ranks.json", {"num_processes": self.world, "max_weight_difference": spread})
+        if spread > 0:
+            raise RuntimeError(f"trainable weights differ across ranks by up to {spread}")
 
     # ---- rank-0 output ---------------------------------------------------------------------------
     def _progress_bar(self):
