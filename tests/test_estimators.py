@@ -6,8 +6,6 @@ SD-shaped pipeline): the reference is the mean of many full-backprop gradients. 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -162,15 +160,13 @@ TINY_BATCH, TINY_REFERENCE = 16, 60
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_path):
     from rewards.simple import Saturation
     from rlr_cli.policy import DiffusionPolicy
-    from rlr_cli.tiny import ensure_tiny_pipeline
 
     torch.set_num_threads(1)
-    cache = os.environ.get("RLR_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
     policy = DiffusionPolicy(
-        path=ensure_tiny_pipeline(cache), num_steps=4, eta=1.0, guidance_scale=1.0, resolution=16,
+        path=tiny_path, num_steps=4, eta=1.0, guidance_scale=1.0, resolution=16,
         gradient_checkpointing=False,
         lora={"rank": 2, "alpha": 2, "init": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
     )
