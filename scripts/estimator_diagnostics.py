@@ -4,8 +4,9 @@
     python scripts/estimator_diagnostics.py --problem tiny_unet --samples 200 --out diag_tiny.json
 
 linear_gaussian: the chain of ESTIMATORS.md (T = 12, sigma 0.6 -> 0.05), exact grad J in closed form.
-tiny_unet: main's tiny SD-shaped pipeline (LoRA r=2, DDIM eta 1, 16 px, T = 4, saturation reward); the
-reference is the mean of `samples` further full-backprop gradients (its noise enters the SE).
+tiny_unet: main's tiny SD-shaped pipeline (LoRA r=2, DDIM eta 1, 16 px, T = 6, batch 8, saturation
+reward); the reference is the mean of `samples` further full-backprop gradients (its noise enters the
+SE), and the bias is also given along the reference's direction (rel_bias_v, checks.projected_bias).
 Prints a markdown table, writes the JSON, and sweeps RLR's variance against h and the peak memory of
 full_bp / truncated_bp / rlr against T, with PNG plots next to the JSON.
 Statistics: rlr_cli/estimators/checks.py. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlr_cli.estimators.backprop import FullBackprop, TruncatedBackprop  # noqa: E402
-from rlr_cli.estimators.checks import bias_statistics, draw_estimates  # noqa: E402
+from rlr_cli.estimators.checks import bias_statistics, draw_estimates, projected_bias  # noqa: E402
 from rlr_cli.estimators.ddpo import DDPO  # noqa: E402
 from rlr_cli.estimators.linear_gaussian import LinearGaussianPolicy, default_problem  # noqa: E402
 from rlr_cli.estimators.rlr import RLR  # noqa: E402
@@ -53,9 +54,8 @@ def estimators(batch: int, num_steps: int) -> dict:
         "rlr_h4": RLR(h=4),
         "rlr_h2_param": RLR(h=2, zo={"mode": "param"}),
     }
-    if num_steps >= 6:
-        table |= {"rlr_h1_k2": RLR(h=1, fo_steps=2), "rlr_h1_k4": RLR(h=1, fo_steps=4)}
-    return table
+    table |= {"rlr_h1_k2": RLR(h=1, fo_steps=2), "rlr_h1_k4": RLR(h=1, fo_steps=4)}
+    return {name: e for name, e in table.items() if not isinstance(e, RLR) or e.h + e.fo_steps <= num_steps}
 
 
 def tiny_policy(num_steps: int, device: str):
@@ -81,11 +81,13 @@ def make_problem(name: str, num_steps: int | None, device: str):
         return policy, reward, ["a", "b", "c", "d"] * 2, exact
     from rewards.simple import Saturation
 
-    return tiny_policy(num_steps or 4, device), Saturation(), ["a red circle", "a blue square"] * 2, None
+    return tiny_policy(num_steps or 6, device), Saturation(), ["a red circle", "a blue square"] * 4, None
 
 
 def markdown(rows: dict, header: str) -> str:
     cols = ["rel_bias", "rel_bias_se", "bias/se", "variance", "cosine", "seconds", "peak_mem_mb"]
+    if any("rel_bias_v" in r for r in rows.values()):
+        cols += ["rel_bias_v", "rel_bias_v_se"]
     lines = [header, "", "| estimator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         r = r | {"bias/se": r["rel_bias"] / r["rel_bias_se"] if r["rel_bias_se"] > 0 else float("nan")}
@@ -119,6 +121,8 @@ def main() -> None:
         estimates, seconds, _ = draw_estimates(estimator, policy, reward, prompts, args.samples, seed=args.seed)
         _, _, peak = draw_estimates(estimator, policy, reward, prompts, 1, seed=args.seed, meter=True)
         rows[name] = bias_statistics(estimates, exact, reference) | {"seconds": seconds, "peak_mem_mb": peak}
+        if reference is not None:
+            rows[name] |= projected_bias(estimates, reference)
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     header = (f"**{args.problem}**, N = {args.samples} estimates of batch {len(prompts)}, T = {policy.num_steps}; "
               f"{MEMORY_NOTE[cuda]}; SE = sqrt(tr Cov / N (+ reference's)) / ||g||")

@@ -84,7 +84,7 @@ class DraftLV:
     """DRaFT-LV: the last transition re-run from x_1 (detached) with n noise draws, rewards averaged.
 
     Pathwise through the last step only (biased like K = 1) with lower variance; the first draw is the
-    rollout's own noise, the other n - 1 come from the run generator.
+    rollout's own noise, the other n - 1 come from the run generator; one UNet call, n decoder passes.
     """
 
     def __init__(self, n: int = 2, target: float | None = None, reward_scale: float = 1.0):
@@ -97,9 +97,9 @@ class DraftLV:
         last = policy.num_steps - 1
         with torch.no_grad():
             rollout = policy.sample(prompts, generator=generator, grad_steps=())
-        x = rollout.latents[:, last].detach()
-        noises = [rollout.noises[:, last]] + [randn_like(x, generator) for _ in range(self.n - 1)]
-        rewards = torch.stack([score(policy, reward, policy.transition(rollout, last, x, z).sample, prompts) for z in noises])
+        step = policy.transition(rollout, last, rollout.latents[:, last].detach())  # one UNet call with grad
+        noises = [rollout.noises[:, last]] + [randn_like(step.mean, generator) for _ in range(self.n - 1)]
+        rewards = torch.stack([score(policy, reward, step.mean + step.std * z, prompts) for z in noises])
         loss = -utility(rewards, self.target, self.reward_scale).mean()
         metrics = reward_metrics(rewards[0]) | {"draws": float(self.n)}
         return EstimatorOutput(loss=loss, rewards=rewards[0].detach(), metrics=metrics)
