@@ -92,6 +92,9 @@ def markdown(rows: dict, header: str) -> str:
     for name, r in rows.items():
         r = r | {"bias/se": r["rel_bias"] / r["rel_bias_se"] if r["rel_bias_se"] > 0 else float("nan")}
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |")
+    lines += ["", "rel_bias on the first N/16, N/4, N estimates (shrinks ~1/sqrt(N) = 4x per column when unbiased):", ""]
+    for name, r in rows.items():
+        lines.append(f"- {name}: " + ", ".join(f"N={m}: {v:.3g}" for m, v in r["rel_bias_by_n"].items()))
     return "\n".join(lines)
 
 
@@ -123,6 +126,11 @@ def main() -> None:
         rows[name] = bias_statistics(estimates, exact, reference) | {"seconds": seconds, "peak_mem_mb": peak}
         if reference is not None:
             rows[name] |= projected_bias(estimates, reference)
+        # an unbiased estimator's rel_bias shrinks like 1/sqrt(N); a bias does not
+        rows[name]["rel_bias_by_n"] = {
+            str(m): bias_statistics(estimates[:m], exact, reference)["rel_bias"]
+            for m in (args.samples // 16, args.samples // 4, args.samples) if m >= 2
+        }
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     header = (f"**{args.problem}**, N = {args.samples} estimates of batch {len(prompts)}, T = {policy.num_steps}; "
               f"{MEMORY_NOTE[cuda]}; SE = sqrt(tr Cov / N (+ reference's)) / ||g||")
