@@ -58,8 +58,8 @@ def spsa_gradient(
 ) -> list[Tensor]:
     """Two-point SPSA estimate of d E[U] / d theta through transitions `steps` only.
 
-    One Gaussian direction D per call; the chain is re-run twice from the rollout's x_T with its own
-    noises, theta +- sigma D at `steps` and theta elsewhere: g = mean_b(U+ - U-) / (2 sigma) * D.
+    One Gaussian direction D per call; the chain is re-run twice from the rollout's input of the first
+    perturbed transition with the rollout's noises, theta +- sigma D at `steps` and theta elsewhere: g = mean_b(U+ - U-) / (2 sigma) * D.
     Unbiased for the gradient of the Gaussian-smoothed objective.
     """
     params = policy.trainable_parameters()
@@ -68,9 +68,9 @@ def spsa_gradient(
     steps = set(steps)
 
     def run(sign: float) -> Tensor:
-        x = rollout.latents[:, 0].detach()
+        x = rollout.latents[:, min(steps)].detach()  # the chain up to the first perturbed step is the rollout's
         with torch.no_grad():
-            for i in range(policy.num_steps):
+            for i in range(min(steps), policy.num_steps):
                 if i in steps:
                     for p, d in zip(params, direction):
                         p.add_(sign * sigma * d)
