@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from rlr_cli.estimators.common import draw, require_differentiable, reward_metrics, score, utility
+from rlr_cli.estimators.common import draw, randn_like, require_differentiable, reward_metrics, score, utility
 from rlr_cli.interfaces import EstimatorOutput, Policy, Reward
 
 
@@ -78,3 +78,54 @@ class TruncatedBackprop:
         require_differentiable(reward, "truncated_bp")
         steps = self.grad_steps(generator, policy.num_steps)
         return _pathwise(policy, reward, prompts, generator, steps, self.target, self.reward_scale)
+
+
+class DraftLV:
+    """DRaFT-LV: the last transition re-run from x_1 (detached) with n noise draws, rewards averaged.
+
+    Pathwise through the last step only (biased like K = 1) with lower variance; the first draw is the
+    rollout's own noise, the other n - 1 come from the run generator; one UNet call, n decoder passes.
+    """
+
+    def __init__(self, n: int = 2, target: float | None = None, reward_scale: float = 1.0):
+        if n < 1:
+            raise ValueError(f"draft_lv needs n >= 1, got {n}")
+        self.n, self.target, self.reward_scale = n, target, reward_scale
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
+        require_differentiable(reward, "draft_lv")
+        last = policy.num_steps - 1
+        with torch.no_grad():
+            rollout = policy.sample(prompts, generator=generator, grad_steps=())
+        step = policy.transition(rollout, last, rollout.latents[:, last].detach())  # one UNet call with grad
+        noises = [rollout.noises[:, last]] + [randn_like(step.mean, generator) for _ in range(self.n - 1)]
+        rewards = torch.stack([score(policy, reward, step.mean + step.std * z, prompts) for z in noises])
+        loss = -utility(rewards, self.target, self.reward_scale).mean()
+        metrics = reward_metrics(rewards[0]) | {"draws": float(self.n)}
+        return EstimatorOutput(loss=loss, rewards=rewards[0].detach(), metrics=metrics)
+
+
+class ReFL:
+    """ImageReward's ReFL: sample without grad, stop at a random late transition s, predict x_0 from
+    its input in one step with grad, loss grad_scale * relu(target - r) (biased).
+
+    s is uniform over the last `last_steps` transitions (ImageReward: 40 steps, s in [30, 39]). The
+    policy samples the whole chain (the protocol has no early stop): up to last_steps no-grad calls wasted.
+    """
+
+    def __init__(self, last_steps: int = 10, target: float = 2.0, grad_scale: float = 1e-3):
+        if last_steps < 1:
+            raise ValueError(f"refl needs last_steps >= 1, got {last_steps}")
+        self.last_steps, self.target, self.grad_scale = last_steps, target, grad_scale
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
+        require_differentiable(reward, "refl")
+        t = policy.num_steps
+        stop = draw(generator, max(t - self.last_steps, 0), t - 1)
+        with torch.no_grad():
+            rollout = policy.sample(prompts, generator=generator, grad_steps=())
+        x0 = policy.predict_x0(rollout, stop, rollout.latents[:, stop].detach())
+        rewards = score(policy, reward, x0, prompts)
+        loss = self.grad_scale * torch.relu(self.target - rewards).mean()
+        metrics = reward_metrics(rewards) | {"stop_step": float(stop)}
+        return EstimatorOutput(loss=loss, rewards=rewards.detach(), metrics=metrics)

@@ -1,0 +1,153 @@
+"""A linear-Gaussian chain whose reward gradient is known in closed form, for checking estimators.
+
+x_T ~ N(0, I_d); transition i: x_{i+1} = a_i x_i + f_i(x_i) + sigma_i z_i with the "network"
+f_i(x) = W x + b_i (W (d,d) shared, b (T,d) per step: the trainable parameters). Every sigma_i > 0,
+geometric from `sigma_first` at i = 0 down to `sigma_last` at the last step, so the on-policy
+likelihood ratio is defined at every step. With A_i = a_i I + W, x_0 ~ N(m, S):
+    m <- A_i m + b_i,   S <- A_i S A_i^T + sigma_i^2 I   (from m = 0, S = I),
+and for the quadratic reward R(y) = -1/2 (y - c)^T Q (y - c), Q = diag(q):
+    J = E[R] = -1/2 (tr(Q S) + (m - c)^T Q (m - c)),
+a polynomial in (W, b) that autograd differentiates exactly (no sampling). decode is the identity.
+
+Latents are (B, d); a rollout's latents are (B, T+1, d).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rlr_cli.interfaces import Rollout, Transition
+
+
+class QuadraticReward:
+    """R(y) = -1/2 sum_k q_k (y_k - c_k)^2; y (B,d) -> (B,). Differentiable."""
+
+    differentiable = True
+
+    def __init__(self, target: Tensor, weights: Tensor):
+        self.target, self.weights = target, weights
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return -0.5 * (self.weights * (images - self.target) ** 2).sum(dim=1)
+
+
+def _log_density(x: Tensor, mean: Tensor, std: float, reduce: str) -> Tensor:
+    per_dim = -0.5 * ((x.detach() - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return per_dim.mean(dim=1) if reduce == "mean" else per_dim.sum(dim=1)
+
+
+class LinearGaussianPolicy(torch.nn.Module):
+    """The chain above as a Policy (float64, CPU); `exact_gradient(reward)` gives grad J in closed form."""
+
+    def __init__(
+        self,
+        dim: int = 4,
+        num_steps: int = 12,
+        decay: float = 0.9,
+        sigma_first: float = 0.6,
+        sigma_last: float = 0.05,
+        seed: int = 0,
+    ):
+        super().__init__()
+        init = torch.Generator().manual_seed(seed)
+        self.num_steps, self.dim = num_steps, dim
+        self.decay = [decay] * num_steps
+        ratio = sigma_last / sigma_first
+        self.sigmas = [sigma_first * ratio ** (i / max(num_steps - 1, 1)) for i in range(num_steps)]
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(dim, dim, generator=init, dtype=torch.float64))
+        self.bias = torch.nn.Parameter(0.2 * torch.randn(num_steps, dim, generator=init, dtype=torch.float64))
+
+    # -- the chain ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.weight, self.bias]
+
+    def _net(self, i: int, x: Tensor) -> Tensor:
+        return x @ self.weight.T + self.bias[i]
+
+    def _mean(self, i: int, x: Tensor, network_grad: bool = True) -> Tensor:
+        if network_grad:
+            f = self._net(i, x)
+        else:
+            with torch.no_grad():
+                f = self._net(i, x)
+        return self.decay[i] * x + f
+
+    def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = ()) -> Rollout:
+        """B = len(prompts) trajectories; steps outside grad_steps detach f_i but keep d/dx of a_i x."""
+        grad_steps, b = set(grad_steps), len(prompts)
+        x = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
+        latents, noises, log_probs = [x], [], []
+        for i in range(self.num_steps):
+            z = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
+            mean = self._mean(i, x, network_grad=i in grad_steps)
+            x = mean + self.sigmas[i] * z
+            latents.append(x)
+            noises.append(z)
+            log_probs.append(_log_density(x, mean.detach(), self.sigmas[i], "mean"))
+        return Rollout(
+            latents=torch.stack(latents, dim=1),
+            noises=torch.stack(noises, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            timesteps=torch.arange(self.num_steps, 0, -1),
+            cond=None,
+            prompts=list(prompts),
+        )
+
+    def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
+        noise = rollout.noises[:, i] if noise is None else noise
+        mean = self._mean(i, x)
+        return Transition(sample=mean + self.sigmas[i] * noise, mean=mean, std=self.sigmas[i])
+
+    def step_log_prob(self, rollout: Rollout, i: int, reduce: str = "mean") -> Tensor:
+        mean = self._mean(i, rollout.latents[:, i].detach())
+        return _log_density(rollout.latents[:, i + 1], mean, self.sigmas[i], reduce)
+
+    def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
+        """The noise-free chain from the input of transition i to the end."""
+        for k in range(i, self.num_steps):
+            x = self._mean(k, x)
+        return x
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+    def save_adapter(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        torch.save(self.state_dict(), os.path.join(directory, "linear_gaussian.pt"))
+
+    def load_adapter(self, directory: str) -> None:
+        self.load_state_dict(torch.load(os.path.join(directory, "linear_gaussian.pt")))
+
+    # -- closed form -------------------------------------------------------------------------------
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """Mean (d,) and covariance (d,d) of x_0, as differentiable functions of the parameters."""
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        m, s = torch.zeros(self.dim, dtype=torch.float64), eye
+        for i in range(self.num_steps):
+            a = self.decay[i] * eye + self.weight
+            m = a @ m + self.bias[i]
+            s = a @ s @ a.T + self.sigmas[i] ** 2 * eye
+        return m, s
+
+    def exact_objective(self, reward: QuadraticReward) -> Tensor:
+        m, s = self.moments()
+        q, c = reward.weights, reward.target
+        return -0.5 * ((q * torch.diagonal(s)).sum() + (q * (m - c) ** 2).sum())
+
+    def exact_gradient(self, reward: QuadraticReward) -> list[Tensor]:
+        """grad J w.r.t. trainable_parameters(), exact."""
+        return list(torch.autograd.grad(self.exact_objective(reward), self.trainable_parameters()))
+
+
+def default_problem(seed: int = 0) -> tuple[LinearGaussianPolicy, QuadraticReward]:
+    """The reference problem of ESTIMATORS.md: d = 4, T = 12, sigma 0.6 -> 0.05, a fixed quadratic reward."""
+    policy = LinearGaussianPolicy(seed=seed)
+    reward = QuadraticReward(
+        target=torch.tensor([1.0, -0.5, 0.5, 0.0], dtype=torch.float64),
+        weights=torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64),
+    )
+    return policy, reward

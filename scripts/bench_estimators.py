@@ -1,0 +1,184 @@
+"""Seconds and peak memory of one training step of every estimator, as ratios to one no-grad sampling pass.
+
+    python scripts/bench_estimators.py                          # tiny model, CPU, T = 50, batch 4
+    python scripts/bench_estimators.py --device cuda            # + SD-1.5-shaped UNet (random weights), 512 px, batch 1 and 4
+    python scripts/bench_estimators.py --out bench.md
+
+Every estimator is built from its configs/estimator/*.yaml (published defaults) and the reward is
+saturation (differentiable, no weights). One training step = one estimator call + backward + AdamW step
+(rlr_official alternates FO and HO calls: its step time is the mean of one FO and one HO call). Times
+are the fastest of --steps repeats (machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
+on CPU the peak bytes saved for backward (autograd saved-tensor hooks; a no-grad sampling pass saves
+none, so no ratio), with the model's gradient checkpointing as chosen by --checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rewards.simple import Saturation  # noqa: E402
+from rlr_cli.build import instantiate_node  # noqa: E402
+from rlr_cli.estimators.checks import SavedTensorMeter  # noqa: E402
+
+LORA = {"rank": 4, "alpha": 4, "init": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def sd15_pipeline_folder(directory: str) -> str:
+    """An SD-1.5-shaped pipeline (UNet, VAE, CLIP-L text encoder from SD 1.5's configs), random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from rlr_cli.tiny import build_tokenizer
+
+    folder = Path(directory) / "sd15-random"
+    if (folder / "model_index.json").exists():
+        return str(folder)
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(tempfile.mkdtemp())
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(  # SD 1.5's unet/config.json
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(  # SD 1.5's vae/config.json
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def make_policy(model: str, device: str, num_steps: int, checkpointing: bool):
+    from rlr_cli.policy import DiffusionPolicy
+    from rlr_cli.tiny import ensure_tiny_pipeline
+
+    cache = os.environ.get("RLR_CACHE_DIR", os.path.expanduser("~/.cache/rlr-train"))
+    path = ensure_tiny_pipeline(cache) if model == "tiny" else sd15_pipeline_folder(cache)
+    policy = DiffusionPolicy(
+        path=path, num_steps=num_steps, eta=1.0, guidance_scale=5.0, lora=LORA,
+        dtype="fp32" if model == "tiny" else "bf16", gradient_checkpointing=checkpointing,
+    )
+    return policy.to(device)
+
+
+class Meter:
+    """Peak memory of a block: CUDA allocator peak, or saved-for-backward bytes on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def run(self, fn) -> tuple[float, float]:
+        """(seconds, peak MB) of fn()."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
+        meter = SavedTensorMeter()
+        start = time.perf_counter()
+        with meter.measure():
+            fn()
+        return time.perf_counter() - start, meter.peak / 2**20
+
+
+def bench(model: str, device: str, batch: int, num_steps: int, steps: int, checkpointing: bool, only: list[str]):
+    policy = make_policy(model, device, num_steps, checkpointing)
+    reward, prompts = Saturation(), [f"a photo of a {animal}" for animal in ("cat", "dog", "fox", "owl")] * batch
+    prompts = prompts[:batch]
+    meter = Meter(device)
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    generator = torch.Generator().manual_seed(0)
+
+    def sample():
+        with torch.no_grad():
+            policy.sample(prompts, generator=generator)
+
+    sample()  # warm-up
+    base = [meter.run(sample) for _ in range(steps)]
+    base_seconds, base_mem = min(b[0] for b in base), max(b[1] for b in base)
+    rows = {"sampling (no grad)": (base_seconds, base_mem)}
+    for config in sorted(glob.glob(str(ROOT / "configs/estimator/*.yaml"))):
+        name = Path(config).stem
+        if only and name not in only:
+            continue
+        estimator = instantiate_node(yaml.safe_load(Path(config).read_text()))
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            estimator(policy, reward, prompts, generator).loss.backward()
+            optimizer.step()
+
+        saved = [p.detach().clone() for p in params]
+        cycle = 2 if name == "rlr_official" else 1  # its FO and HO calls alternate
+        repeats = [[meter.run(step) for _ in range(cycle)] for _ in range(steps)]
+        for p, s in zip(params, saved):
+            p.data.copy_(s)
+        # the fastest repeat (the machine may be shared), a cycle's mean time and peak memory
+        rows[name] = (min(sum(r[0] for r in rep) / cycle for rep in repeats), max(r[1] for rep in repeats for r in rep))
+        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    cuda = device.startswith("cuda")
+    memory = "peak MB: torch.cuda.max_memory_allocated" if cuda else (
+        "peak MB: bytes saved for backward (saved-tensor hooks; checkpointed activations are not saved)")
+    lines = [
+        f"**{model}** on {device}, batch {batch}, T = {num_steps}, CFG 5.0, LoRA r=4, gradient checkpointing "
+        f"{'on' if checkpointing else 'off'}; {memory}; step = estimator call + backward + AdamW",
+        "",
+        "| estimator | seconds | x sampling | peak MB | x sampling |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (seconds, mem) in rows.items():
+        mem_ratio = f"{mem / base_mem:.2f}" if base_mem > 0 else "n/a"
+        lines.append(f"| {name} | {seconds:.2f} | {seconds / base_seconds:.2f} | {mem:.1f} | {mem_ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=2, help="repeats timed per estimator (the fastest is reported)")
+    parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
+    parser.add_argument("--only", default="", help="comma-separated estimator names (default: all configs)")
+    parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    only = [n for n in args.only.split(",") if n]
+    checkpointing = args.checkpointing == "on"
+    tables = [bench("tiny", args.device, 4, args.num_steps, args.steps, checkpointing, only)]
+    if args.device.startswith("cuda"):
+        for batch in (1, 4):
+            tables.append(bench("sd15", args.device, batch, args.num_steps, args.steps, checkpointing, only))
+    text = "\n\n".join(tables)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
