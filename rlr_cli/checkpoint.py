@@ -27,6 +27,7 @@ class TrainState:
     step: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    samples: int = 0  # training trajectories drawn so far, all ranks together
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -80,6 +80,7 @@ class DiffusionPolicy:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale
         self.device = torch.device("cpu")
+        self.trajectories_sampled = 0  # every trajectory drawn by sample(), for sample budgets
 
     # ---- set-up --------------------------------------------------------------------------------
     def _make_trainable(self) -> None:
@@ -152,6 +153,7 @@ class DiffusionPolicy:
         """Sample B trajectories; the noise is drawn on the CPU generator, so runs are device-independent."""
         cond = self.encode(prompts)
         shape = self.latent_shape(len(prompts))
+        self.trajectories_sampled += len(prompts)
         x = torch.randn(shape, generator=generator).to(self.device)
         noises = torch.randn((self.num_steps, *shape), generator=generator).to(self.device)
         grad_steps = set(grad_steps)

@@ -28,6 +28,7 @@ class TrainerConfig:
     """The `trainer` group. Counts are per process; a step is one optimizer update."""
 
     max_steps: int = 100
+    max_samples: int | None = None  # also stop once this many training trajectories were drawn (all ranks)
     batch_size: int = 4  # prompts per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0  # None: no clipping
@@ -96,7 +97,7 @@ class Trainer:
             self.evaluate()
         bar = self._progress_bar()
         try:
-            while self.state.step < cfg.max_steps:
+            while self.state.step < cfg.max_steps and not self._sample_budget_spent():
                 metrics = self.train_step()
                 self.state.step += 1
                 if self.is_main:
@@ -109,6 +110,8 @@ class Trainer:
                     self.checkpoint()
                 if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
                     self.evaluate()
+            if cfg.eval_every and self.state.step % cfg.eval_every and self.state.step < cfg.max_steps:
+                self.evaluate()  # a sample budget ended the run between evaluations
             self.save_final_adapter()
             self.check_ranks_in_sync()
         except KeyboardInterrupt:
@@ -126,6 +129,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer update over grad_accum micro-batches; non-finite updates are skipped."""
         cfg, start = self.cfg, time.perf_counter()
+        drawn_before = getattr(self.policy, "trajectories_sampled", 0)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, rewards, extra = 0.0, [], {}
         for _ in range(cfg.grad_accum):
@@ -146,9 +150,13 @@ class Trainer:
             self.state.nonfinite_in_a_row = 0
         else:
             self._skip_nonfinite(loss_sum, float(grad_norm))
+        drawn = torch.tensor(float(getattr(self.policy, "trajectories_sampled", 0) - drawn_before))
+        self.state.samples += int(self.accelerator.reduce(drawn.to(self.accelerator.device), "sum").item())
         return {
             **extra,
             "loss": loss_sum,
+            "samples_total": float(self.state.samples),
+            "peak_mem_mb": peak_memory_mb(),
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "grad_norm": float(grad_norm),
@@ -156,6 +164,9 @@ class Trainer:
             "nonfinite_total": float(self.state.nonfinite_total),
             "step_seconds": time.perf_counter() - start,
         }
+
+    def _sample_budget_spent(self) -> bool:
+        return self.cfg.max_samples is not None and self.state.samples >= self.cfg.max_samples
 
     def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -259,6 +270,15 @@ class Trainer:
     def _say(self, message: str) -> None:
         if self.is_main:
             print(f"rlr-train: {message}", flush=True)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
 
 def _per_sample(name: str, output) -> dict[str, torch.Tensor]:
