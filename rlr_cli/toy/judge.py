@@ -26,7 +26,7 @@ ALL_THREE = ("shape", "colour", "background")  # "all three attributes" of the a
 class Judge(nn.Module):
     """images (B,3,32,32) in [0,1] -> {head: logits (B, classes)} for shape, colour, background, size."""
 
-    def __init__(self, width: int = 32, hidden: int = 128):
+    def __init__(self, width: int = 16, hidden: int = 128):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
@@ -49,7 +49,7 @@ class Judge(nn.Module):
 
 
 def build_judge() -> Judge:
-    """An untrained judge (~0.4 M params)."""
+    """An untrained judge (~0.15 M params)."""
     return Judge()
 
 
@@ -64,7 +64,7 @@ def _mixed_batch(vae, n: int, seed: int) -> tuple[Tensor, data.Labels]:
     return torch.cat([images[:half], recon]), labels
 
 
-def train_judge(model: Judge, vae, steps: int, minutes: float, batch_size: int = 128, lr: float = 2e-3,
+def train_judge(model: Judge, vae, steps: int, minutes: float, batch_size: int = 64, lr: float = 2e-3,
                 seed: int = 3, device: str = "cpu") -> dict:
     """Train in place on generator labels (half VAE round-tripped); returns steps, seconds, held-out accuracies."""
     model.to(device)
