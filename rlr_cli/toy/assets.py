@@ -70,3 +70,13 @@ def load_clip(folder: Path = CLIP_DIR):
 
     return (CLIPModel.from_pretrained(folder).eval(), CLIPTokenizer.from_pretrained(folder),
             CLIPImageProcessor.from_pretrained(folder))
+
+
+def asset_path(name: str) -> str:
+    """Path of a committed toy asset as a string, for configs (`path: {_target_: ...asset_path, name: clip}`)."""
+    path = ASSETS / name
+    if not path.exists():
+        from rlr_cli.errors import UserError
+
+        raise UserError(f"toy asset {path} is missing; rebuild it with `python scripts/pretrain_toy.py`")
+    return str(path)

@@ -139,3 +139,23 @@ def prompt_following(images: Tensor, prompts: Sequence[str], judge: Judge | None
     parsed = [data.parse_caption(p) for p in prompts]
     truth = {k: torch.tensor([p[k] for p in parsed]) for k in HEADS}
     return _accuracy(predict(judge, images), truth)
+
+
+class PromptFollowing:
+    """Evaluation metric for the trainer: per image, 1.0 where the judge reads the prompt's attribute.
+
+    images (B,3,H,W) in [0,1], prompts B toy captions -> {shape, colour, background, size, all_three: (B,)}.
+    """
+
+    def __init__(self):
+        self.judge: Judge | None = None  # loaded on first use, on the images' device
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        if self.judge is None:
+            self.judge = load_judge(str(images.device))
+        with torch.no_grad():
+            predicted = predict(self.judge, images)
+        parsed = [data.parse_caption(p) for p in prompts]
+        correct = {k: (predicted[k] == torch.tensor([p[k] for p in parsed])).float() for k in HEADS}
+        correct["all_three"] = torch.stack([correct[k] for k in ALL_THREE]).prod(0)
+        return correct
