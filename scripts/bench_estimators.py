@@ -167,7 +167,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
     parser.add_argument("--only", default="", help="comma-separated estimator names (default: all configs)")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machines here are shared)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     only = [n for n in args.only.split(",") if n]
     checkpointing = args.checkpointing == "on"
     tables = [bench("tiny", args.device, 4, args.num_steps, args.steps, checkpointing, only)]
