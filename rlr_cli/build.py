@@ -8,7 +8,7 @@ import importlib
 import inspect
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
@@ -139,6 +139,7 @@ class Run:
     logger: Any
     seed: int
     config: dict
+    metrics: dict = field(default_factory=dict)  # name -> callable(images, prompts) -> (B,) or {key: (B,)}
 
 
 def _instantiate(node: dict) -> Any:
@@ -165,6 +166,7 @@ def build(cfg: DictConfig) -> Run:
     set_seed(int(plain.get("seed", 0)))  # random inits (e.g. LoRA) are the same in every run and rank
     objects = {group: _instantiate(plain[group]) for group in GROUPS}
     objects["policy"] = objects.pop("model")
+    objects["metrics"] = {name: _instantiate(node) for name, node in (plain.get("metrics") or {}).items()}
     return Run(**objects, seed=int(plain.get("seed", 0)), config=plain)
 
 

@@ -20,6 +20,7 @@ from rlr_cli.build import Run
 from rlr_cli.checkpoint import TrainState, find_latest, load_checkpoint, save_checkpoint
 from rlr_cli.errors import UserError
 from rlr_cli.images import save_grid
+from rlr_cli.report import write_report
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(run.seed + 1_000_003 * self.rank)
         self.state = TrainState()
         self.run_dir = self._resume(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = run.logger.open(self.run_dir, run.config) if self.is_main else None
 
     # ---- resume ----------------------------------------------------------------------------------
@@ -97,12 +99,12 @@ class Trainer:
             while self.state.step < cfg.max_steps:
                 metrics = self.train_step()
                 self.state.step += 1
-                if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
-                    self.stop_nonfinite()
                 if self.is_main:
                     self.logger.log(metrics, self.state.step)
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", sec=f"{metrics['step_seconds']:.2f}")
+                if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
+                    self.stop_nonfinite()
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
@@ -117,6 +119,8 @@ class Trainer:
             bar.close()
             if self.logger is not None:
                 self.logger.close()
+        if self.is_main and cfg.eval_every:
+            print(write_report(self.run_dir), flush=True)
         return {"run_dir": str(self.run_dir), "step": self.state.step}
 
     def train_step(self) -> dict[str, float]:
@@ -193,24 +197,27 @@ class Trainer:
         cfg, step = self.cfg, self.state.step
         prompts = self.run.prompts.eval_prompts(cfg.eval_prompts)
         generator = torch.Generator().manual_seed(cfg.eval_seed)
-        images, rewards = [], []
+        images, rewards, extra = [], [], {}
         for start in range(0, len(prompts), cfg.eval_batch_size):
             chunk = prompts[start : start + cfg.eval_batch_size]
             rollout = self.policy.sample(chunk, generator=generator)
             batch = self.policy.decode(rollout.final)
             rewards.append(self.run.reward(batch, chunk).float().cpu())
+            for name, metric in self.run.metrics.items():
+                for key, values in _per_sample(name, metric(batch, chunk)).items():
+                    extra.setdefault(key, []).append(values)
             images.append(batch.float().cpu())
         images, rewards = torch.cat(images), torch.cat(rewards)
         result = {
-            "step": step, "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "reward_se": rewards.std().item() / math.sqrt(len(rewards)) if len(rewards) > 1 else 0.0,
-            "prompts": prompts, "rewards": rewards.tolist(),
+            "step": step, **_stats("reward", rewards), "prompts": prompts, "rewards": rewards.tolist(),
+            "metrics": {key: _stats("", torch.cat(values)) for key, values in extra.items()},
         }
         _write_json(self.run_dir / "eval" / f"step_{step}.json", result)
         captions = [f"{p}\nr={r:.3g}" for p, r in zip(prompts, rewards.tolist())]
         save_grid(images, captions, self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
-        self.logger.log({"eval_reward_mean": result["reward_mean"], "eval_reward_se": result["reward_se"]}, step)
+        logged = {"eval_reward_mean": result["reward_mean"], "eval_reward_se": result["reward_se"]}
+        logged |= {f"eval_{key}": value["mean"] for key, value in result["metrics"].items()}
+        self.logger.log(logged, step)
         self.logger.log_images(images, captions, step)
         return result
 
@@ -252,6 +259,20 @@ class Trainer:
     def _say(self, message: str) -> None:
         if self.is_main:
             print(f"rlr-train: {message}", flush=True)
+
+
+def _per_sample(name: str, output) -> dict[str, torch.Tensor]:
+    """A metric's output, (B,) or {key: (B,)}, as {metric key: (B,) float on the CPU}."""
+    if isinstance(output, dict):
+        return {f"{name}_{key}": value.float().cpu() for key, value in output.items()}
+    return {name: output.float().cpu()}
+
+
+def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    """mean, std and standard error of (N,) values; keys prefixed as reward_mean or mean."""
+    key = f"{prefix}_" if prefix else ""
+    std = values.std().item() if len(values) > 1 else 0.0
+    return {f"{key}mean": values.mean().item(), f"{key}std": std, f"{key}se": std / math.sqrt(len(values))}
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -33,7 +33,8 @@ def short_run(tmp_path_factory, tiny_path) -> Path:
 def test_run_folder_has_everything_design_promises(short_run):
     for name in ("config.yaml", "metrics.jsonl", "adapter/" + LORA_WEIGHTS, "checkpoints/step_2/state.json",
                  "checkpoints/step_2/adapter/" + LORA_WEIGHTS, "checkpoints/step_2/optimizer.pt",
-                 "samples/step_0.png", "samples/step_2.png", "samples/step_3.png", "eval/step_3.json"):
+                 "samples/step_0.png", "samples/step_2.png", "samples/step_3.png", "eval/step_3.json",
+                 "samples/before_after.png", "reward_curve.png", "summary.txt"):
         assert (short_run / name).exists(), name
     lines = [json.loads(line) for line in (short_run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if "loss" in line]

@@ -1,0 +1,81 @@
+"""CLIP score for any transformers CLIPModel: PickScore v1, and `toy_clipscore` on the toy CLIP."""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from rewards.common import check_loading_info, checkpoint_layers, follow_device, freeze, resolve_folder, torch_dtype
+from rewards.preprocess import clip_preprocess
+from rlr_cli.errors import UserError
+
+CONFIG_FILES = ["*.json", "*.txt"]  # configs, tokenizer, preprocessor config: never a repo's other weights
+
+
+def load_clip(path: str, cache_dir: str | None, what: str, key: str = "path"):
+    """A transformers CLIPModel from a local folder or hub id, loaded strictly -> (model, local folder)."""
+    from transformers import CLIPModel
+
+    folder = resolve_folder(path, cache_dir=cache_dir, key=key, what=what, patterns=CONFIG_FILES, weights=True)
+    try:
+        model, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{what}: cannot load a CLIPModel from {folder!r}: {str(error).splitlines()[0]}") from None
+    check_loading_info(info, what)
+    return model, folder
+
+
+class ClipScore:
+    """logit_scale.exp() * cosine(image, own prompt) of a CLIPModel; images (B,3,H,W) in [0,1] -> (B,).
+
+    Preprocessing follows the processor folder's preprocessor_config.json (PickScore: the LAION CLIP-H
+    processor, OpenAI CLIP values at 224; the toy CLIP: its own folder) unless overridden.
+    """
+
+    differentiable = True
+
+    def __init__(
+        self,
+        path: str = "yuvalkirstain/PickScore_v1",
+        processor_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        cache_dir: str | None = None,
+        dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+        gradient_checkpointing: bool = False,
+        image_size: int | None = None,
+        crop_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        max_length: int = 77,
+    ):
+        from transformers import AutoTokenizer
+
+        what = "reward clip score"
+        self.dtype = torch_dtype(dtype)
+        model, folder = load_clip(path, cache_dir, what)
+        processor = folder if processor_path is None else resolve_folder(
+            processor_path, cache_dir=cache_dir, key="processor_path", what=what, patterns=CONFIG_FILES
+        )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(processor)
+        except (OSError, ValueError) as error:
+            raise UserError(f"{what}: no tokenizer in {processor!r} (set reward.processor_path=): {error}") from None
+        self.model = freeze(model, self.dtype)
+        if gradient_checkpointing:
+            checkpoint_layers(self.model.vision_model.encoder.layers)
+            checkpoint_layers(self.model.text_model.encoder.layers)
+        self.preprocess = clip_preprocess(
+            processor, model.config.vision_config.image_size, image_size, crop_size, mean, std
+        )
+        self.max_length = max_length
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        follow_device([self.model], images.device)
+        pixels = self.preprocess(images.float()).to(self.dtype)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(images.device)
+        image_features = self.model.get_image_features(pixel_values=pixels).pooler_output.float()
+        text_features = self.model.get_text_features(**tokens).pooler_output.float()
+        cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+        return self.model.logit_scale.float().exp() * cosine
