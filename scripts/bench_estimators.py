@@ -7,7 +7,8 @@
 Every estimator is built from its configs/estimator/*.yaml (published defaults) and the reward is
 saturation (differentiable, no weights). One training step = one estimator call + backward + AdamW step
 (rlr_official alternates FO and HO calls: its step time is the mean of one FO and one HO call). Times
-are the fastest of --steps repeats (machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
+are the fastest of --steps repeats, the sampling pass's the fastest of its runs beside every estimator
+(machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
 on CPU the peak bytes saved for backward (autograd saved-tensor hooks; a no-grad sampling pass saves
 none, so no ratio), with the model's gradient checkpointing as chosen by --checkpointing.
 """
@@ -122,8 +123,7 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
 
     sample()  # warm-up
     base = [meter.run(sample) for _ in range(steps)]
-    base_seconds, base_mem = min(b[0] for b in base), max(b[1] for b in base)
-    rows = {"sampling (no grad)": (base_seconds, base_mem)}
+    rows = {}
     for config in sorted(glob.glob(str(ROOT / "configs/estimator/*.yaml"))):
         name = Path(config).stem
         if only and name not in only:
@@ -135,6 +135,7 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
             estimator(policy, reward, prompts, generator).loss.backward()
             optimizer.step()
 
+        base.append(meter.run(sample))  # the baseline is re-timed beside every estimator (shared machines)
         saved = [p.detach().clone() for p in params]
         cycle = 2 if name == "rlr_official" else 1  # its FO and HO calls alternate
         repeats = [[meter.run(step) for _ in range(cycle)] for _ in range(steps)]
@@ -143,6 +144,8 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
         # the fastest repeat (the machine may be shared), a cycle's mean time and peak memory
         rows[name] = (min(sum(r[0] for r in rep) / cycle for rep in repeats), max(r[1] for rep in repeats for r in rep))
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    base_seconds, base_mem = min(b[0] for b in base), max(b[1] for b in base)
+    rows = {"sampling (no grad)": (base_seconds, base_mem)} | rows
     cuda = device.startswith("cuda")
     memory = "peak MB: torch.cuda.max_memory_allocated" if cuda else (
         "peak MB: bytes saved for backward (saved-tensor hooks; checkpointed activations are not saved)")
@@ -167,7 +170,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
     parser.add_argument("--only", default="", help="comma-separated estimator names (default: all configs)")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machines here are shared)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     only = [n for n in args.only.split(",") if n]
     checkpointing = args.checkpointing == "on"
     tables = [bench("tiny", args.device, 4, args.num_steps, args.steps, checkpointing, only)]

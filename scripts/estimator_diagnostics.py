@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--sweep-steps", default="10,20,50", help="T values of the memory sweep")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(1)  # the machines here are shared; one thread per process
     cuda = args.device.startswith("cuda")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
