@@ -1,6 +1,6 @@
 """rlr-score: score a folder of images with any reward config and write the scores as JSON.
 
-    rlr-score images=/path/to/pngs prompts=/path/to/prompts.txt reward=pickscore reward.path=/local/PickScore_v1
+    rlr-score images=/path/to/pngs prompt_file=/path/to/prompts.txt reward=pickscore reward.path=/local/PickScore_v1
     python -m rewards.score_cli images=samples/ reward=aesthetic reward.path=/local/clip reward.head=/local/head.pth
 
 Options are config fields (configs/score.yaml, configs/reward/*.yaml); output format: docs/rewards.md.
@@ -137,7 +137,7 @@ def run(overrides: list[str]) -> dict:
     """Score the folder and write the JSON; returns what it wrote."""
     config, name = compose(overrides)
     names = list_images(config.images)
-    prompts = read_prompts(config.prompts, names)
+    prompts = read_prompts(config.prompt_file, names)
     reward = build_reward(config.reward)
     scores = score_folder(reward, config.images, names, prompts, config.batch_size, config.device)
     result = {

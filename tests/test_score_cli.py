@@ -38,7 +38,7 @@ def test_rlr_score_module_writes_json_and_prints_mean_std(folder):
     root, names, overrides = folder
     output = root / "scores.json"
     command = [sys.executable, "-m", "rewards.score_cli", f"images={root / 'images'}",
-               f"prompts={root / 'prompts.txt'}", f"output={output}", *overrides]
+               f"prompt_file={root / 'prompts.txt'}", f"output={output}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -52,14 +52,14 @@ def test_rlr_score_module_writes_json_and_prints_mean_std(folder):
 
 def test_json_prompt_map_gives_the_same_scores_as_the_text_file(folder, capsys):
     root, names, overrides = folder
-    by_text = score_cli.run([f"images={root / 'images'}", f"prompts={root / 'prompts.txt'}",
+    by_text = score_cli.run([f"images={root / 'images'}", f"prompt_file={root / 'prompts.txt'}",
                              f"output={root / 'a.json'}", *overrides])
-    by_json = score_cli.run([f"images={root / 'images'}", f"prompts={root / 'prompts.json'}",
+    by_json = score_cli.run([f"images={root / 'images'}", f"prompt_file={root / 'prompts.json'}",
                              f"output={root / 'b.json'}", *overrides])
     assert by_json["scores"] == pytest.approx(by_text["scores"])
     swapped = dict(zip(names, reversed(PROMPTS)))
     (root / "swapped.json").write_text(json.dumps(swapped))
-    by_swapped = score_cli.run([f"images={root / 'images'}", f"prompts={root / 'swapped.json'}",
+    by_swapped = score_cli.run([f"images={root / 'images'}", f"prompt_file={root / 'swapped.json'}",
                                 f"output={root / 'c.json'}", *overrides])
     assert by_swapped["scores"][names[0]] != pytest.approx(by_text["scores"][names[0]])  # prompts matter
 
@@ -69,7 +69,7 @@ def test_json_prompt_map_gives_the_same_scores_as_the_text_file(folder, capsys):
     [
         ("empty", "no .png/.jpg images"),
         ("mismatch", "has 2 prompts for 3 images"),
-        ("unknown", "unknown reward 'nope'; valid: aesthetic, hps, imagereward, pickscore, weighted"),
+        ("unknown", "unknown reward 'nope'; valid: aesthetic, hps, imagereward, jpeg_compressibility"),
         ("no_weights", "hf download yuvalkirstain/PickScore_v1"),
         ("bad_key", "reward.nokey"),
     ],
@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_and_exit_status_2(folder, tmp_path, capsys, monke
     images = f"images={root / 'images'}"
     argv = {
         "empty": [f"images={tmp_path}", *overrides],
-        "mismatch": [images, f"prompts={tmp_path / 'two.txt'}", *overrides],
+        "mismatch": [images, f"prompt_file={tmp_path / 'two.txt'}", *overrides],
         "unknown": [images, "reward=nope"],
         "no_weights": [images, "reward=pickscore", f"reward.cache_dir={tmp_path}"],
         "bad_key": [images, "reward.nokey=3", *overrides],
