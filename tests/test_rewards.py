@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from rlr_cli.build import import_target
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -30,6 +28,7 @@ from rewards.simple import JpegCompressibility, Saturation
 from rewards.standins import hydra_overrides, imagereward_original_keys, write_clip_folder, write_clip_tokenizer
 from rewards.standins import write_head, write_standin
 from rewards.weighted import WeightedSum
+from rlr_cli.build import import_target
 from rlr_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
