@@ -96,6 +96,7 @@ class Trainer:
         if cfg.eval_every and self.state.step == 0:
             self.evaluate()
         bar = self._progress_bar()
+        checkpoint_due = False
         try:
             while self.state.step < cfg.max_steps and not self._sample_budget_spent():
                 metrics = self.train_step()
@@ -106,8 +107,11 @@ class Trainer:
                     bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", sec=f"{metrics['step_seconds']:.2f}")
                 if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
                     self.stop_nonfinite()
-                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                checkpoint_due |= bool(cfg.checkpoint_every) and self.state.step % cfg.checkpoint_every == 0
+                # Estimators that train on a buffered batch over several calls checkpoint between batches.
+                if checkpoint_due and getattr(self.run.estimator, "at_cycle_boundary", True):
                     self.checkpoint()
+                    checkpoint_due = False
                 if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
                     self.evaluate()
             if cfg.eval_every and self.state.step % cfg.eval_every and self.state.step < cfg.max_steps:
