@@ -67,7 +67,8 @@ class ClipScore:
         self.preprocess = clip_preprocess(
             processor, model.config.vision_config.image_size, image_size, crop_size, mean, std
         )
-        self.max_length = max_length
+        # A text tower with fewer positions (the toy CLIP has 16) cannot take longer token sequences.
+        self.max_length = min(max_length, model.config.text_config.max_position_embeddings)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         follow_device([self.model], images.device)

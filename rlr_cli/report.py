@@ -47,6 +47,17 @@ def before_after_grid(run_dir: Path, first: int, last: int) -> Path:
     return path
 
 
+def paired_improvement(before: list[float], after: list[float]) -> str:
+    """Mean change over the same prompts and seeds, with the standard error of that mean."""
+    import statistics
+
+    differences = [b - a for a, b in zip(before, after)]
+    mean = statistics.mean(differences)
+    se = statistics.stdev(differences) / len(differences) ** 0.5
+    ratio = mean / se if se > 0 else float("inf")
+    return f"reward change {mean:+.4f} +- {se:.4f} (paired over the same prompts and seeds: {ratio:.1f} se)"
+
+
 def write_report(run_dir: Path) -> str:
     """Write the plots; return the summary: each held-out metric at the first and last evaluation."""
     evals = _evals(run_dir)
@@ -59,6 +70,8 @@ def write_report(run_dir: Path) -> str:
     rows = [f"held-out summary ({n} prompts, fixed seeds): step {first['step']} -> step {last['step']}",
             f"  reward      {first['reward_mean']:.4f} +- {first['reward_se']:.4f}  ->  "
             f"{last['reward_mean']:.4f} +- {last['reward_se']:.4f}  (mean +- se)"]
+    if first["prompts"] == last["prompts"] and n > 1:
+        rows.append("  " + paired_improvement(first["rewards"], last["rewards"]))
     for key, stats in last.get("metrics", {}).items():
         before = first.get("metrics", {}).get(key)
         if before:
