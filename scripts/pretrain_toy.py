@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 def log_stage(paths: assets.ToyPaths, name: str, seconds: float, figures: dict, device: str) -> None:
     """Merge one stage's wall time, device and figures into the pretrain log."""
     log = json.loads(paths.pretrain_log.read_text()) if paths.pretrain_log.exists() else {}
-    log[name] = {"seconds": round(seconds, 1), "device": device, **figures}
+    log[name] = {"stage_seconds": round(seconds, 1), "device": device, **figures}
     paths.pretrain_log.write_text(json.dumps(log, indent=2) + "\n")
     print(f"[{name}] {seconds:.1f} s on {device} {figures}", flush=True)
 
