@@ -1,7 +1,7 @@
 """Train the embedded toy world from scratch on CPU: toy CLIP, VAE, UNet (-> StableDiffusionPipeline), judge, aesthetic head.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/pretrain_toy.py            # every stage not yet done (~50 min, 2 cores)
-    python scripts/pretrain_toy.py --stages judge,aesthetic --force         # redo two stages
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/pretrain_toy.py            # every stage not yet done (about 95 min of stages measured on 2 contended cores)
+    python scripts/pretrain_toy.py --stages judge,aesthetic --force judge,aesthetic  # redo two stages
     python scripts/pretrain_toy.py --unet-minutes 10                        # shorter UNet budget
 
 Stages run in order tokenizer, clip, vae, unet, pipeline, judge, aesthetic; a stage whose output exists is
@@ -37,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clip-minutes", type=float, default=5.0)
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-minutes", type=float, default=10.0)
-    p.add_argument("--unet-steps", type=int, default=9000)
-    p.add_argument("--unet-minutes", type=float, default=40.0, help="UNet wall-time budget (resumed runs add to it)")
+    p.add_argument("--unet-steps", type=int, default=10500)
+    p.add_argument("--unet-minutes", type=float, default=90.0, help="UNet wall-time budget (resumed runs add to it)")
     p.add_argument("--judge-steps", type=int, default=800)
     p.add_argument("--judge-minutes", type=float, default=6.0)
     p.add_argument("--aesthetic-steps", type=int, default=2000)
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 def log_stage(paths: assets.ToyPaths, name: str, seconds: float, figures: dict, device: str) -> None:
     """Merge one stage's wall time, device and figures into the pretrain log."""
     log = json.loads(paths.pretrain_log.read_text()) if paths.pretrain_log.exists() else {}
-    log[name] = {"seconds": round(seconds, 1), "device": device, **figures}
+    log[name] = {"stage_seconds": round(seconds, 1), "device": device, **figures}
     paths.pretrain_log.write_text(json.dumps(log, indent=2) + "\n")
     print(f"[{name}] {seconds:.1f} s on {device} {figures}", flush=True)
 
