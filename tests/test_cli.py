@@ -17,8 +17,8 @@ def test_unknown_estimator_lists_the_choices(tmp_path):
 def test_wrong_type_unknown_key_and_missing_value_are_one_line(tmp_path):
     cases = {
         "trainer.max_steps=abc": "trainer.max_steps: expected int",
-        "estimator.mode=weird": "estimator.mode: expected one of 'fixed'",
-        "estimator.kk=3": "estimator.kk: unknown option; valid options: mode, k,",
+        "estimator.baseline=weird": "estimator.baseline: expected one of 'leave_one_out_prompt'",
+        "estimator.kk=3": "estimator.kk: unknown option; valid options: h, fo_steps,",
         "model.lora.rank=???": "missing value for model.lora.rank",
     }
     for override, expected in cases.items():
