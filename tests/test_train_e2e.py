@@ -98,8 +98,8 @@ def test_corrupt_checkpoint_is_one_clear_error(short_run, tmp_path):
     broken.parent.mkdir(parents=True)
     os.system(f"cp -r {short_run / 'checkpoints' / 'step_2'} {broken}")
     (broken / "optimizer.pt").write_bytes(b"not a checkpoint")
-    result = rlr_train(*FAST, "trainer.max_steps=3", f"trainer.resume_from={broken}", run_dir=tmp_path / "new",
-                       check=False)
+    result = rlr_train(*FAST, "model=tiny", "estimator=truncated_bp", "reward=saturation", "trainer.max_steps=3",
+                       f"trainer.resume_from={broken}", run_dir=tmp_path / "new", check=False)
     assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
 
 
