@@ -222,8 +222,11 @@ class DiffusionPolicy:
         if self.lora is None:
             raise UserError("a frozen extra adapter needs a LoRA-trained policy (model.lora); full fine-tuning "
                             "would save the extra adapter's layers with the UNet")
-        if name == TRAINABLE_ADAPTER or name in self._frozen_adapters:
-            raise ValueError(f"adapter name {name!r} is taken")
+        if name == TRAINABLE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is the trainable adapter's")
+        if name in self._frozen_adapters:  # attaching again replaces it
+            self.unet.delete_adapters(name)
+            del self._frozen_adapters[name]
         with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             StableDiffusionPipeline.load_lora_into_unet(state, network_alphas, self.unet, adapter_name=name, metadata=metadata)

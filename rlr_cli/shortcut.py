@@ -43,7 +43,7 @@ def scheduler_timesteps(base_scheduler_config, rule: Rule, k: int) -> list[int]:
 
 def even_indices(num_long_steps: int, k: int) -> list[int]:
     """Indices into the long chain's grid, k + 1 of them evenly spread over [0, num_long_steps]."""
-    return [round(j * num_long_steps / k) for j in range(k + 1)]
+    return [(2 * j * num_long_steps + k) // (2 * k) for j in range(k + 1)]  # rounded half up
 
 
 class ShortcutChain:
