@@ -6,7 +6,7 @@
 Teacher: the toy pipeline sampled as it is for evaluation: DDIM with eta 0 (the probability-flow ODE),
 50 steps, classifier-free guidance 4. Student: the same UNet plus a LoRA, sampled with the same guidance
 (both CFG passes through the student). The 50-step grid is cut into k phases at the long chain's own
-timesteps (shortcut timesteps "even": 981, 741, 481, 221 and x_0 for k = 4), and the student is trained so
+timesteps (shortcut timesteps "even": 981, 721, 481, 221 and x_0 for k = 4), and the student is trained so
 that ONE student DDIM step from any grid point x_s of a phase lands where the teacher's DDIM steps from
 x_s land at the phase's end (phased trajectory distillation, as PCM / Hyper-SD's trajectory-segmented
 consistency distillation do; with s at the phase start half of the time, where the shortcut is used).

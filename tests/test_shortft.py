@@ -200,7 +200,7 @@ def test_even_timesteps_are_a_subset_of_the_long_chain_with_the_same_start(tiny_
 
     long = DDIMChain(DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler"), 50, 1.0)
     chain = ShortcutChain(long, 4, "ddim", "even")
-    assert chain.timesteps.tolist() == [981, 741, 481, 221] and chain.ends == [741, 481, 221, -1]
+    assert chain.timesteps.tolist() == [981, 721, 481, 221] and chain.ends == [721, 481, 221, -1]
     mixed = ShortcutChain(long, 4, "ddim", "even", long_steps=2)
     assert mixed.timesteps.tolist() == [981, 741, 501, 261, 21, 1] and mixed.ends[-1] == 21
     with pytest.raises(UserError, match="must descend"):
