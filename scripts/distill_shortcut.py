@@ -186,8 +186,9 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in optimizer.param_groups:  # cosine decay over the step budget
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * min(step / args.max_steps, 1.0)))
+        progress = min(max(step / args.max_steps, (time.time() - t1) / (args.minutes * 60)), 1.0)
+        for group in optimizer.param_groups:  # cosine decay over whichever budget (steps, time) runs out first
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
         optimizer.step()
         step += 1
         bar.update(1)
