@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import time
@@ -151,7 +152,9 @@ def main() -> None:
     bounds = even_indices(chain.num_steps, args.k)
     train_caps, held_caps = split_prompts(args.prompts, args.holdout_every)
     shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
-    log = {"settings": vars(args), "shortcut_timesteps": [int(chain.timesteps[b]) for b in bounds[:-1]],
+    weights = Path(args.pipeline) / "unet" / "diffusion_pytorch_model.safetensors"
+    teacher_hash = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else None
+    log = {"settings": vars(args), "teacher_unet_sha256": teacher_hash, "shortcut_timesteps": [int(chain.timesteps[b]) for b in bounds[:-1]],
            "phase_bounds": bounds, "train_captions": len(train_caps), "heldout_captions": held_caps}
 
     # ---- 1. teacher trajectories (distillation captions) and a held-out check set ------------------------
