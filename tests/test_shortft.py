@@ -7,6 +7,7 @@ gradients go, how many UNet calls a rollout makes and what gets saved, not that 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,10 @@ from rlr_cli.errors import UserError
 from rlr_cli.estimators.shortft import ShortFT
 from rlr_cli.policy import LORA_WEIGHTS, DiffusionPolicy
 from rlr_cli.sampling import DDIMChain
-from rlr_cli.shortcut import SHORTCUT_ADAPTER, ShortcutChain, save_lora
+from rlr_cli.shortcut import SHORTCUT_ADAPTER, ShortcutChain
+from rlr_cli.tiny import ensure_tiny_shortcut
 
 TRAINABLE = dict(rank=4, alpha=4, init="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-STANDIN_MODULES = ["to_q", "to_v", "proj_in", "conv1"]  # overlaps the trainable LoRA and goes beyond it
 PROMPTS = ["a cat", "a dog"]
 
 
@@ -33,21 +34,9 @@ def make_policy(path: str, **overrides) -> DiffusionPolicy:
 
 
 @pytest.fixture(scope="module")
-def standin_shortcut(tiny_path, tmp_path_factory) -> str:
+def standin_shortcut(tiny_path) -> str:
     """A random rank-8 LoRA of the tiny UNet in diffusers format (plumbing stand-in, not a shortcut)."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=STANDIN_MODULES),
-                     adapter_name="standin")
-    for name, parameter in unet.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0.0, 0.05)
-    folder = tmp_path_factory.mktemp("standin_shortcut")
-    save_lora(folder, unet, "standin", 8, 8, STANDIN_MODULES)
-    return str(folder)
+    return ensure_tiny_shortcut(os.environ["RLR_CACHE_DIR"])
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +217,20 @@ def test_missing_local_shortcut_is_a_user_error(tmp_path):
         ShortFT(shortcut_path=str(tmp_path / "nope"))
 
 
-def test_rlr_train_runs_shortft_on_the_tiny_model(standin_shortcut, tmp_path):
+def test_a_shortcut_of_another_model_is_a_user_error(tiny_path):
+    """The toy shortcut on the tiny UNet: one clear line, not a peft traceback."""
+    toy_shortcut = Path(__file__).resolve().parent.parent / "rlr_cli" / "assets" / "toy" / "shortcut"
+    if not toy_shortcut.exists():
+        pytest.skip("no toy shortcut in this checkout")
+    with pytest.raises(UserError, match="does not fit this model's UNet"):
+        ShortFT(shortcut_path=str(toy_shortcut)).attach(make_policy(tiny_path))
+
+
+def test_rlr_train_runs_shortft_on_the_tiny_model(tmp_path):
+    """The plain command with the tiny stand-in config (random LoRA built into the cache on first use)."""
     run_dir = tmp_path / "run"
-    rlr_train("model=tiny", "estimator=shortft", "trainer.max_steps=2", "trainer.batch_size=2",
-              f"estimator.shortcut_path={standin_shortcut}", "estimator.k=3", "trainer.eval_every=2",
-              "trainer.eval_prompts=2", "logger=none", run_dir=run_dir)
+    rlr_train("model=tiny", "estimator=shortft_tiny", "trainer.max_steps=2", "trainer.batch_size=2",
+              "trainer.eval_every=2", "trainer.eval_prompts=2", "logger=none", run_dir=run_dir)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if "loss" in line]
     assert len(train) == 2 and all(line["shortcut_steps"] == 3 and line["grad_norm"] > 0 for line in train)

@@ -57,7 +57,12 @@ class ShortFT:
         if self._attached_to is not policy:
             if not hasattr(policy, "sampling_with"):
                 raise UserError(f"estimator=shortft needs a policy with a frozen-adapter slot, not {type(policy).__name__}")
-            policy.add_frozen_adapter(SHORTCUT_ADAPTER, self.state, self.alphas, self.metadata, self.scale)
+            try:
+                policy.add_frozen_adapter(SHORTCUT_ADAPTER, self.state, self.alphas, self.metadata, self.scale)
+            except (ValueError, RuntimeError, KeyError) as error:
+                raise UserError(f"estimator=shortft: the shortcut LoRA does not fit this model's UNet "
+                                f"({str(error).strip().splitlines()[0][:200]}); a shortcut belongs to one base "
+                                f"model (model=tiny: estimator=shortft_tiny)") from None
             self._chain = ShortcutChain(
                 policy.chain, self.k, self.rule, self.timesteps, self.gamma, self.long_steps,
                 scheduler_config=policy.scheduler.config,
