@@ -5,8 +5,10 @@ Trainable weights stay in fp32; the frozen parts (VAE, text encoder, UNet base) 
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +20,7 @@ from rlr_cli.sampling import DDIMChain, gaussian_log_prob
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRAINABLE_ADAPTER = "default"  # peft's name for the LoRA that add_adapter(config) creates
 
 
 def load_pipeline(path: str | None, hub_id: str | None, cache_dir: str | None, dtype: torch.dtype):
@@ -70,6 +73,9 @@ class DiffusionPolicy:
             module.requires_grad_(False).eval()
         self.lora = dict(lora) if lora is not None else None
         self._make_trainable()
+        self._frozen_adapters: dict[str, float] = {}  # name -> scale of extra LoRAs that never train
+        self._active: tuple[str, ...] = (TRAINABLE_ADAPTER,)
+        self._adapters_at = None  # inside `sampling_with`: transition i -> frozen adapters active at i
         from diffusers import DDIMScheduler
 
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -101,6 +107,7 @@ class DiffusionPolicy:
             )
         for parameter in self.trainable_parameters():
             parameter.data = parameter.data.float()
+        self._trainable_names = set(self.named_trainable_parameters())
 
     def to(self, device: torch.device | str) -> "DiffusionPolicy":
         self.device = torch.device(device)
@@ -140,9 +147,17 @@ class DiffusionPolicy:
     def eps(self, x: Tensor, i: int, cond) -> Tensor:
         """Guided noise prediction at transition i; checkpointed (one UNet call) when grad is on."""
         t = self.chain.timesteps[i].to(self.device)
+        run = self._guided_eps
+        if self._adapters_at is not None:  # the adapters are set inside the call, so a recomputation sees them too
+            frozen = self._adapters_at(i)
+
+            def run(*args):
+                self._activate(frozen)
+                return self._guided_eps(*args)
+
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._guided_eps, x, t, *cond, use_reentrant=False)
-        return self._guided_eps(x, t, *cond)
+            return checkpoint(run, x, t, *cond, use_reentrant=False)
+        return run(x, t, *cond)
 
     # ---- the Policy protocol ---------------------------------------------------------------------
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
@@ -201,6 +216,55 @@ class DiffusionPolicy:
             images = run(latents)
         return (images / 2 + 0.5).clamp(0, 1)
 
+    # ---- frozen extra adapters and another chain (ShortFT's shortcut) ----------------------------
+    def add_frozen_adapter(self, name: str, state: dict, network_alphas=None, metadata=None, scale: float = 1.0) -> None:
+        """Attach a LoRA (diffusers or kohya keys) that never trains and is off outside `sampling_with`."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.lora is None:
+            raise UserError("a frozen extra adapter needs a LoRA-trained policy (model.lora); full fine-tuning "
+                            "would save the extra adapter's layers with the UNet")
+        if name == TRAINABLE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is the trainable adapter's")
+        if name in self._frozen_adapters:  # attaching again replaces it
+            self.unet.delete_adapters(name)
+            del self._frozen_adapters[name]
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            StableDiffusionPipeline.load_lora_into_unet(state, network_alphas, self.unet, adapter_name=name, metadata=metadata)
+        self.unet.to(self.device)
+        self._frozen_adapters[name] = scale
+        self._active = ()
+        self._activate(())
+
+    def _activate(self, frozen: tuple[str, ...]) -> None:
+        """Make the trainable adapter plus `frozen` the active ones; only trainable weights require grad."""
+        names = (TRAINABLE_ADAPTER, *frozen)
+        if names == self._active:
+            return
+        scales = [1.0] + [self._frozen_adapters[name] for name in frozen]
+        self.unet.set_adapters(list(names), weights=scales)
+        for name, parameter in self.unet.named_parameters():  # peft's set_adapter flips requires_grad
+            parameter.requires_grad_(name in self._trainable_names)
+        self._active = names
+
+    @contextmanager
+    def sampling_with(self, chain, adapters_at, guidance_scale: float | None = None) -> Iterator["DiffusionPolicy"]:
+        """Inside: `sample`, `transition`, ... run `chain` (a DDIMChain-like object with its own num_steps), with
+        the frozen adapters `adapters_at(i)` active at transition i beside the trainable one, and, when given,
+        another guidance scale. Outside, and on exit, the policy is its own long chain with the trainable
+        adapter alone. Backpropagate inside: a recomputed UNet call re-activates its own adapters."""
+        saved = self.chain, self.num_steps, self.guidance_scale
+        self.chain, self.num_steps, self._adapters_at = chain, chain.num_steps, adapters_at
+        if guidance_scale is not None:
+            self.guidance_scale = guidance_scale
+        try:
+            yield self
+        finally:
+            self.chain, self.num_steps, self.guidance_scale = saved
+            self._adapters_at = None
+            self._activate(())
+
     # ---- adapters --------------------------------------------------------------------------------
     def save_adapter(self, directory: str) -> None:
         """LoRA: diffusers format that pipe.load_lora_weights(directory) accepts; full FT: a unet/ folder."""
@@ -212,7 +276,8 @@ class DiffusionPolicy:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        state = get_peft_model_state_dict(self.unet, adapter_name=TRAINABLE_ADAPTER)
+        layers = convert_state_dict_to_diffusers(state)
         metadata = {"r": self.lora["rank"], "lora_alpha": self.lora["alpha"],
                     "target_modules": sorted(self.lora["target_modules"])}
         StableDiffusionPipeline.save_lora_weights(
@@ -232,7 +297,7 @@ class DiffusionPolicy:
 
         state = load_file(os.path.join(directory, LORA_WEIGHTS))
         state = {key.removeprefix("unet."): value for key, value in state.items()}
-        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state))
+        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state), TRAINABLE_ADAPTER)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise UserError(f"adapter in {directory} does not fit this model: unexpected keys {unexpected[:3]}")

@@ -75,3 +75,31 @@ def ensure_tiny_pipeline(cache_dir: str, seed: int = 0) -> str:
     except OSError:  # another process won the race: its folder is as good as ours
         shutil.rmtree(scratch, ignore_errors=True)
     return str(folder)
+
+
+def ensure_tiny_shortcut(cache_dir: str, seed: int = 0, rank: int = 8) -> str:
+    """Folder of a random LoRA of the tiny UNet in diffusers format, built once: a PLUMBING STAND-IN for
+    estimator=shortft on model=tiny (it checks loading and gradient flow; it is no few-step model)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from rlr_cli.shortcut import save_lora
+
+    folder = Path(cache_dir).expanduser() / f"tiny-shortcut-standin-seed{seed}"
+    if (folder / "pytorch_lora_weights.safetensors").exists():
+        return str(folder)
+    modules = ["to_q", "to_v", "proj_in", "conv1"]
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_pipeline(cache_dir, seed), subfolder="unet")
+    torch.manual_seed(seed + 1)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules),
+                     adapter_name="standin")
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 0.05)
+    scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-shortcut-"))
+    save_lora(scratch, unet, "standin", rank, rank, modules)
+    try:
+        scratch.rename(folder)
+    except OSError:  # another process won the race
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(folder)

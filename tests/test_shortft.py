@@ -1,0 +1,241 @@
+"""ShortFT on the tiny random model, with a random LoRA as the shortcut.
+
+The shortcut here is a PLUMBING STAND-IN (random LoRA weights saved in diffusers format): it checks where
+gradients go, how many UNet calls a rollout makes and what gets saved, not that a shortcut is any good
+(that is scripts/evaluate_shortcut.py's job on the toy model).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config, rlr_train
+from rewards.simple import Saturation
+from rlr_cli.build import instantiate_node, validate
+from rlr_cli.errors import UserError
+from rlr_cli.estimators.shortft import ShortFT
+from rlr_cli.policy import LORA_WEIGHTS, DiffusionPolicy
+from rlr_cli.sampling import DDIMChain
+from rlr_cli.shortcut import SHORTCUT_ADAPTER, ShortcutChain
+from rlr_cli.tiny import ensure_tiny_shortcut
+
+TRAINABLE = dict(rank=4, alpha=4, init="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+PROMPTS = ["a cat", "a dog"]
+
+
+def make_policy(path: str, **overrides) -> DiffusionPolicy:
+    torch.manual_seed(0)
+    options = dict(path=path, num_steps=6, eta=1.0, guidance_scale=5.0, lora=TRAINABLE) | overrides
+    return DiffusionPolicy(**options)
+
+
+@pytest.fixture(scope="module")
+def standin_shortcut(tiny_path) -> str:
+    """A random rank-8 LoRA of the tiny UNet in diffusers format (plumbing stand-in, not a shortcut)."""
+    return ensure_tiny_shortcut(os.environ["RLR_CACHE_DIR"])
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_path) -> DiffusionPolicy:
+    """One tiny policy for the module; each test's ShortFT attaches its shortcut anew (replacing the last)."""
+    return make_policy(tiny_path)
+
+
+def shortcut_params(policy):
+    return {n: p for n, p in policy.unet.named_parameters() if f".{SHORTCUT_ADAPTER}." in n}
+
+
+def test_gradient_reaches_the_trainable_lora_and_not_the_shortcut(policy, standin_shortcut):
+    policy.unet.zero_grad(set_to_none=True)
+    estimator = ShortFT(k=3, shortcut_path=standin_shortcut)
+    out = estimator(policy, Saturation(), PROMPTS, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    frozen = shortcut_params(policy)
+    assert len(frozen) == 2 * (16 + 4 + 8)  # lora_A, lora_B of to_q, to_v (8 attentions), proj_in (4), conv1 (8)
+    assert all(not p.requires_grad and p.grad is None for p in frozen.values())
+    trainable = policy.named_trainable_parameters()
+    assert trainable and not any(f".{SHORTCUT_ADAPTER}." in n for n in trainable)
+    assert all(p.grad is not None for p in trainable.values())
+    assert sum(p.grad.abs().sum().item() for p in trainable.values()) > 0
+
+
+@pytest.mark.parametrize("long_steps", [0, 2])
+def test_gradient_matches_a_finite_difference(policy, standin_shortcut, long_steps):
+    """d loss / d theta along a random direction, against a central difference of the same (seeded) rollout.
+
+    long_steps = 2 mixes in two long-chain steps without the shortcut: the checkpointed UNet calls are
+    recomputed in backward, so each must re-activate its own adapters for this to hold.
+    """
+    estimator = ShortFT(k=2, shortcut_path=standin_shortcut, long_steps=long_steps, guidance_scale=1.0)
+    params = policy.trainable_parameters()
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+
+    def loss() -> torch.Tensor:
+        return estimator(policy, Saturation(), PROMPTS[:1], torch.Generator().manual_seed(3)).loss
+
+    analytic = sum((g * d).sum() for g, d in zip(torch.autograd.grad(loss(), params), direction)).item()
+    h, values = 1e-3, []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * h * d)
+        values.append(loss().item())
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * h * d)
+    numeric = (values[0] - values[1]) / (2 * h)
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(numeric, rel=2e-2)
+
+
+def count_unet_calls(policy):
+    calls = []
+    forward = policy.unet.forward
+
+    def counted(sample, *args, **kwargs):
+        calls.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    policy.unet.forward = counted
+    return calls, forward
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_a_training_rollout_makes_k_unet_calls(policy, standin_shortcut, guidance):
+    estimator = ShortFT(k=3, shortcut_path=standin_shortcut, guidance_scale=guidance)
+    chain = estimator.attach(policy)
+    calls, forward = count_unet_calls(policy)
+    try:
+        with policy.sampling_with(chain, estimator.adapters_at, estimator.guidance_scale):
+            rollout = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0), grad_steps=range(3))
+        batch = len(PROMPTS) * (2 if guidance != 1.0 else 1)  # CFG batches the unconditional and text passes
+        assert calls == [batch] * 3 and rollout.num_steps == 3
+        calls.clear()
+        estimator(policy, Saturation(), PROMPTS, torch.Generator().manual_seed(0))
+        assert calls == [batch] * 6  # 3 in the rollout + 3 recomputed by the per-call checkpoints in backward
+    finally:
+        policy.unet.forward = forward
+
+
+def test_long_chain_samples_and_saved_adapter_ignore_the_shortcut(tiny_path, standin_shortcut, tmp_path):
+    plain, policy = make_policy(tiny_path), make_policy(tiny_path)  # equal weights (seeded LoRA init)
+
+    def long_chain(p):
+        with torch.no_grad():
+            return p.sample(PROMPTS, generator=torch.Generator().manual_seed(7)).final
+
+    before = long_chain(policy)
+    estimator = ShortFT(k=3, shortcut_path=standin_shortcut)
+    out = estimator(policy, Saturation(), PROMPTS, torch.Generator().manual_seed(0))
+    assert out.rewards.shape == (2,)
+    assert policy.num_steps == 6 and policy.guidance_scale == 5.0
+    assert torch.equal(long_chain(policy), before) and torch.equal(before, long_chain(plain))
+
+    policy.save_adapter(str(tmp_path / "with"))
+    plain.save_adapter(str(tmp_path / "plain"))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "with" / LORA_WEIGHTS))
+    reference = load_file(str(tmp_path / "plain" / LORA_WEIGHTS))
+    assert sorted(saved) == sorted(reference) and len(saved) == len(policy.trainable_parameters())
+    assert all(torch.equal(saved[k], reference[k]) for k in saved)
+    assert not any(SHORTCUT_ADAPTER in key for key in saved)
+
+
+def test_the_shortcut_changes_the_training_rollout(policy, standin_shortcut):
+    """Same noise and k-step chain with and without the shortcut adapter: different images."""
+    estimator = ShortFT(k=3, shortcut_path=standin_shortcut)
+    chain = estimator.attach(policy)
+    finals = []
+    for adapters in (estimator.adapters_at, lambda i: ()):
+        with torch.no_grad(), policy.sampling_with(chain, adapters):
+            finals.append(policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0)).final)
+    assert (finals[0] - finals[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rule,gamma", [("tcd", 0.3), ("tcd", 0.0), ("lcm", 0.0), ("ddim", 0.0)])
+def test_chain_steps_match_the_diffusers_schedulers(tiny_path, rule, gamma):
+    """ShortcutChain's x_next = mean + std z equals TCDScheduler / LCMScheduler / DDIM(trailing).step with the same z."""
+    from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
+
+    base = DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler")
+    chain = ShortcutChain(DDIMChain(DDIMScheduler.from_config(base.config), 50, 1.0), 4, rule, "scheduler", gamma,
+                          scheduler_config=base.config)
+    if rule == "ddim":
+        reference = DDIMScheduler.from_config(base.config, timestep_spacing="trailing")
+    else:
+        reference = (TCDScheduler if rule == "tcd" else LCMScheduler).from_config(base.config)
+    reference.set_timesteps(4)
+    assert chain.timesteps.tolist() == reference.timesteps.tolist()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(reference.timesteps):
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + i))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i))
+        kwargs = {"eta": gamma} if rule == "tcd" else {"eta": 0.0} if rule == "ddim" else {}
+        if rule != "ddim":
+            kwargs["generator"] = torch.Generator().manual_seed(100 + i)
+        expected = reference.step(eps, t, x, **kwargs).prev_sample
+        ours = chain.mean(i, x, eps) + chain.std(i) * z
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+        x = expected
+
+
+def test_even_timesteps_are_a_subset_of_the_long_chain_with_the_same_start(tiny_path):
+    from diffusers import DDIMScheduler
+
+    long = DDIMChain(DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler"), 50, 1.0)
+    chain = ShortcutChain(long, 4, "ddim", "even")
+    assert chain.timesteps.tolist() == [981, 721, 481, 221] and chain.ends == [721, 481, 221, -1]
+    mixed = ShortcutChain(long, 4, "ddim", "even", long_steps=2)
+    assert mixed.timesteps.tolist() == [981, 741, 501, 261, 21, 1] and mixed.ends[-1] == 21
+    with pytest.raises(UserError, match="must descend"):
+        ShortcutChain(long, 2, "ddim", [500, 700])
+
+
+SD_SHORTCUTS = {"shortft_tcd_sd15": "h1t/TCD-SD15-LoRA", "shortft_lcm_sd15": "latent-consistency/lcm-lora-sdv1-5",
+                "shortft_hyper_sd15": "ByteDance/Hyper-SD"}
+
+
+@pytest.mark.parametrize("option", sorted(SD_SHORTCUTS))
+def test_sd15_shortcut_configs_compose_and_fail_offline_with_one_clear_line(option, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plain = validate(compose_config("model=sd15", f"estimator={option}", f"paths.cache_dir={tmp_path}"))
+    node = plain["estimator"]
+    assert node["shortcut_hub_id"] == SD_SHORTCUTS[option] and node["shortcut_path"] is None
+    with pytest.raises(UserError) as error:
+        instantiate_node(node)
+    message = str(error.value)
+    assert "\n" not in message and SD_SHORTCUTS[option] in message and "estimator.shortcut_path=" in message
+
+
+def test_missing_local_shortcut_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="estimator.shortcut_path=.*no such file"):
+        ShortFT(shortcut_path=str(tmp_path / "nope"))
+
+
+def test_a_shortcut_of_another_model_is_a_user_error(tiny_path):
+    """The toy shortcut on the tiny UNet: one clear line, not a peft traceback."""
+    toy_shortcut = Path(__file__).resolve().parent.parent / "rlr_cli" / "assets" / "toy" / "shortcut"
+    if not toy_shortcut.exists():
+        pytest.skip("no toy shortcut in this checkout")
+    with pytest.raises(UserError, match="does not fit this model's UNet"):
+        ShortFT(shortcut_path=str(toy_shortcut)).attach(make_policy(tiny_path))
+
+
+def test_rlr_train_runs_shortft_on_the_tiny_model(tmp_path):
+    """The plain command with the tiny stand-in config (random LoRA built into the cache on first use)."""
+    run_dir = tmp_path / "run"
+    rlr_train("model=tiny", "estimator=shortft_tiny", "trainer.max_steps=2", "trainer.batch_size=2",
+              "trainer.eval_every=2", "trainer.eval_prompts=2", "logger=none", run_dir=run_dir)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "loss" in line]
+    assert len(train) == 2 and all(line["shortcut_steps"] == 3 and line["grad_norm"] > 0 for line in train)
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(run_dir / "adapter" / LORA_WEIGHTS)))
+    assert keys and not any(SHORTCUT_ADAPTER in key for key in keys)
+    assert len(keys) == 2 * 4 * 8  # lora_A + lora_B of to_q, to_k, to_v, to_out.0 in the tiny UNet's 8 attentions
