@@ -12,7 +12,7 @@ from rlr_cli.trainer import Trainer
 
 REWARDS = ["aesthetic", "hps", "pickscore", "imagereward", "weighted"]
 ONE_STEP = ["model=tiny", "trainer.max_steps=1", "trainer.batch_size=2", "trainer.eval_every=0",
-            "trainer.checkpoint_every=0", "logger=none", "model.num_steps=3"]
+            "trainer.checkpoint_every=0", "logger=none", "model.num_steps=5"]
 
 
 @pytest.mark.parametrize("name", REWARDS)

@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT, rlr_train
 
-SMALL = ["trainer.batch_size=2", "logger=none", "model.num_steps=3", "trainer.eval_every=0"]
+SMALL = ["trainer.batch_size=2", "logger=none", "model.num_steps=5", "trainer.eval_every=0"]
 
 
 def test_two_rank_group_trains_in_sync_and_resumes(tmp_path):
