@@ -1,6 +1,6 @@
 """Train the embedded toy world from scratch on CPU: toy CLIP, VAE, UNet (-> StableDiffusionPipeline), judge, aesthetic head.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/pretrain_toy.py            # every stage not yet done (about 95 min of stages measured on 2 contended cores)
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/pretrain_toy.py            # every stage not yet done (26 min from scratch on 2 idle cores)
     python scripts/pretrain_toy.py --stages judge,aesthetic --force judge,aesthetic  # redo two stages
     python scripts/pretrain_toy.py --unet-minutes 10                        # shorter UNet budget
 

@@ -90,3 +90,29 @@ def test_aesthetic_head_has_the_laion_layout_and_follows_its_rule():
     rule = aesthetic.rule_score(labels)
     assert 0 <= rule.min() and rule.max() <= 10
     assert aesthetic.pearson(aesthetic.predict(images), rule) > 0.5
+
+
+def test_unet_pretraining_resumes_from_its_checkpoint(tmp_path):
+    """The UNet stage checkpoints and resumes (the checkpoint loads with weights_only=True)."""
+    from rlr_cli.toy import unet as toy_unet
+    from rlr_cli.toy import vae as toy_vae
+    from rlr_cli.toy.tokenizer import MAX_LENGTH
+
+    torch.manual_seed(0)
+    vae = toy_vae.build_vae().eval().requires_grad_(False)
+    table = torch.randn(len(data.all_captions()) + 1, MAX_LENGTH, 64)  # caption embeddings; any will do here
+    checkpoint = tmp_path / "unet_checkpoint.pt"
+
+    def train(steps: int):
+        return toy_unet.train_unet(toy_unet.build_unet(64), vae, table, steps, 5.0, checkpoint, batch_size=4)
+
+    first, stats = train(2)
+    assert stats["steps"] == 2 and checkpoint.exists()
+    resumed, stats = train(3)
+    assert stats["steps"] == 3
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 3
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved["ema"].items())
+    # one more EMA step (decay 0.999) from step 2's weights, not a new random UNet
+    gaps = [(resumed.state_dict()[k] - v).abs().max().item() for k, v in first.state_dict().items()]
+    assert 0 < max(gaps) < 1e-2

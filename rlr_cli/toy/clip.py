@@ -96,7 +96,7 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, steps: int, minutes: 
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval().cpu()
-    return {"steps": step, "seconds": time.time() - start, "loss": float(loss)}
+    return {"steps": step, "seconds": time.time() - start, "loss": loss.item()}
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, table: Tensor, st
     ema = copy.deepcopy(unet).requires_grad_(False)
     step, elapsed = 0, 0.0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location=device)
+        state = torch.load(checkpoint, weights_only=True, map_location=device)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
