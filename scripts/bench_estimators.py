@@ -4,8 +4,10 @@
     python scripts/bench_estimators.py --device cuda            # + SD-1.5-shaped UNet (random weights), 512 px, batch 1 and 4
     python scripts/bench_estimators.py --out bench.md
 
-Every estimator is built from its configs/estimator/*.yaml (published defaults) and the reward is
-saturation (differentiable, no weights). One training step = one estimator call + backward + AdamW step
+Every estimator is built from its configs/estimator/*.yaml defaults (the published ones, but rlr's
+fo_steps is 3) as `rlr-train estimator=NAME` composes it, and the reward is saturation (differentiable,
+no weights). An estimator that cannot run on the benched model (a ShortFT shortcut of another model, or
+one whose hub weights are not here) is listed under the table with its one-line reason. One training step = one estimator call + backward + AdamW step
 (rlr_official alternates FO and HO calls: its step time is the mean of one FO and one HO call). Times
 are the fastest of --steps repeats, the sampling pass's the fastest of its runs beside every estimator
 (machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
@@ -23,13 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rewards.simple import Saturation  # noqa: E402
-from rlr_cli.build import instantiate_node  # noqa: E402
+from rlr_cli.build import instantiate_node, to_plain  # noqa: E402
+from rlr_cli.cli import compose  # noqa: E402
+from rlr_cli.errors import UserError  # noqa: E402
 from rlr_cli.estimators.checks import SavedTensorMeter  # noqa: E402
 
 LORA = {"rank": 4, "alpha": 4, "init": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -108,6 +110,11 @@ class Meter:
         return time.perf_counter() - start, meter.peak / 2**20
 
 
+def load_estimator(name: str):
+    """The estimator as `rlr-train estimator=NAME` builds it (its defaults list and interpolations resolved)."""
+    return instantiate_node(to_plain(compose([f"estimator={name}"]))["estimator"])
+
+
 def bench(model: str, device: str, batch: int, num_steps: int, steps: int, checkpointing: bool, only: list[str]):
     policy = make_policy(model, device, num_steps, checkpointing)
     reward, prompts = Saturation(), [f"a photo of a {animal}" for animal in ("cat", "dog", "fox", "owl")] * batch
@@ -123,12 +130,19 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
 
     sample()  # warm-up
     base = [meter.run(sample) for _ in range(steps)]
-    rows = {}
+    rows, skipped = {}, {}
     for config in sorted(glob.glob(str(ROOT / "configs/estimator/*.yaml"))):
         name = Path(config).stem
         if only and name not in only:
             continue
-        estimator = instantiate_node(yaml.safe_load(Path(config).read_text()))
+        try:
+            estimator = load_estimator(name)
+            if hasattr(estimator, "attach"):  # ShortFT: its shortcut must fit this model's UNet
+                estimator.attach(policy)
+        except UserError as error:
+            skipped[name] = str(error)
+            print(f"{name}: skipped: {error}", file=sys.stderr, flush=True)
+            continue
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -159,6 +173,8 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
     for name, (seconds, mem) in rows.items():
         mem_ratio = f"{mem / base_mem:.2f}" if base_mem > 0 else "n/a"
         lines.append(f"| {name} | {seconds:.2f} | {seconds / base_seconds:.2f} | {mem:.1f} | {mem_ratio} |")
+    if skipped:
+        lines += ["", "Not run on this model:", *(f"- {name}: {reason}" for name, reason in skipped.items())]
     return "\n".join(lines)
 
 

@@ -4,16 +4,20 @@
 
 Each (estimator, seed) is a real `rlr-train experiment=toy_aesthetic_<estimator>` run in its own process
 (so peak memory is its own), stopped by trainer.max_samples. Writes table.md, results.json and
-reward_vs_samples.png / reward_vs_seconds.png into --out.
+reward_vs_samples.png / reward_vs_seconds.png into --out. `--jobs 2 --threads 1` runs two at a time with
+one torch thread each (every run then sees the same contention, so seconds stay comparable). A run whose
+folder is complete is read, not rerun: after a crash the same command carries on.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,17 +28,24 @@ def available(estimators: list[str]) -> list[str]:
     return [e for e in estimators if (ROOT / "configs" / "experiment" / f"toy_aesthetic_{e}.yaml").exists()]
 
 
-def train(estimator: str, seed: int, samples: int, eval_every: int, run_dir: Path, extra: list[str]) -> float:
-    """One run; returns its wall-clock seconds (the process's whole life, start-up included)."""
+def train(estimator: str, seed: int, samples: int, eval_every: int, run_dir: Path, extra: list[str],
+          threads: int) -> float:
+    """One run (or the record of a finished one); returns its wall-clock seconds, start-up included."""
+    done = run_dir / "wall_seconds.txt"
+    if done.exists():
+        return float(done.read_text())
     command = [sys.executable, "-m", "rlr_cli.cli", f"experiment=toy_aesthetic_{estimator}", f"seed={seed}",
                f"trainer.max_samples={samples}", "trainer.max_steps=100000", f"trainer.eval_every={eval_every}",
                "trainer.checkpoint_every=0", "trainer.progress=false", "logger=none", f"hydra.run.dir={run_dir}",
                *extra]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{estimator} seed {seed} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    done.write_text(f"{seconds}\n")  # written last: its presence marks the run complete
+    return seconds
 
 
 def read_run(run_dir: Path) -> dict:
@@ -67,27 +78,40 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 def table(runs: dict[str, list[dict]], threshold: float, samples: int) -> str:
-    metric = lambda run, key: run["last_eval"]["metrics"].get(key, {}).get("mean", float("nan"))  # noqa: E731
+    def held_out(group: list[dict], key: str | None, scale: float = 1.0) -> str:
+        """start -> end (mean +- std over seeds) of a held-out figure: the reward (key None) or a metric."""
+        def value(evaluation: dict) -> float:
+            return scale * (evaluation["reward_mean"] if key is None else evaluation["metrics"][key]["mean"])
+
+        start = statistics.mean(value(run["first_eval"]) for run in group)
+        return f"{start:.4g} -> {fmt([value(run['last_eval']) for run in group])}"
+
     rows = [f"Budget: {samples} training trajectories per run; mean +- std over seeds. Threshold: training "
-            f"reward (3-step mean) >= {threshold:.3f}.", "",
-            "| estimator | seeds | final train reward | held-out toy_aesthetic (start -> end) | held-out toy_clipscore | "
-            "judge: all three right | samples to threshold | seconds to threshold | peak memory (MB) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            f"reward (3-step mean) >= {threshold:.3f}. Held-out: the run's own evaluation (start -> end).", "",
+            "| estimator | seeds | final train reward | held-out toy_aesthetic | held-out toy_clipscore | "
+            "judge: all three right (%) | samples to threshold | training seconds to threshold | "
+            "wall seconds per run | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, group in runs.items():
         reached = [r for r in (reach(run["curve"], threshold) for run in group) if r]
-        start = statistics.mean(run["first_eval"]["reward_mean"] for run in group)
         rows.append(
-            f"| {name} | {len(group)} | {fmt([run['curve'][-1][2] for run in group])} | "
-            f"{start:.3f} -> {fmt([run['last_eval']['reward_mean'] for run in group])} | "
-            f"{fmt([metric(run, 'clipscore') for run in group])} | {fmt([metric(run, 'judge_all_three') for run in group])} | "
+            f"| {name} | {len(group)} | {fmt([run['curve'][-1][2] for run in group])} | {held_out(group, None)} | "
+            f"{held_out(group, 'clipscore')} | {held_out(group, 'judge_all_three', 100)} | "
             f"{fmt([r[0] for r in reached]) if reached else 'not reached'} ({len(reached)}/{len(group)}) | "
-            f"{fmt([r[1] for r in reached]) if reached else '-'} | {fmt([run['peak_mem_mb'] for run in group], 4)} |"
+            f"{fmt([r[1] for r in reached]) if reached else '-'} | {fmt([run['wall_seconds'] for run in group])} | "
+            f"{fmt([run['peak_mem_mb'] for run in group], 4)} |"
         )
     return "\n".join(rows) + "\n"
 
 
+def smooth(values: list[float], window: int = 4) -> list[float]:
+    """Trailing moving average (a batch mean of 8 rewards is noisy)."""
+    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def plot(runs: dict[str, list[dict]], out: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,12 +120,15 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
                                                      ("training seconds", "reward_vs_seconds.png")]):
         figure, axis = plt.subplots(figsize=(7, 4))
         for colour, (name, group) in enumerate(runs.items()):
-            for seed_index, run in enumerate(group):
-                xs = [point[axis_index] for point in run["curve"]]
-                axis.plot(xs, [point[2] for point in run["curve"]], color=f"C{colour}", alpha=0.7,
-                          label=name if seed_index == 0 else None)
+            curves = [([point[axis_index] for point in run["curve"]], smooth([point[2] for point in run["curve"]]))
+                      for run in group]
+            for xs, ys in curves:  # each seed, thin
+                axis.plot(xs, ys, color=f"C{colour}", alpha=0.25, linewidth=0.8)
+            grid = curves[0][0]  # the seeds' mean on the first seed's x values, thick
+            mean = np.mean([np.interp(grid, xs, ys) for xs, ys in curves], axis=0)
+            axis.plot(grid, mean, color=f"C{colour}", linewidth=2, label=f"{name} (mean of {len(group)})")
         axis.set_xlabel(label)
-        axis.set_ylabel("training reward (toy_aesthetic, batch mean)")
+        axis.set_ylabel("training reward, 4-step moving mean")
         axis.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(out / filename, dpi=120)
@@ -114,19 +141,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--estimators", nargs="+", default=ESTIMATORS)
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="training reward to reach (default: halfway from the start to the best held-out end)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "compare_toy")
     parser.add_argument("overrides", nargs="*", help="extra rlr-train overrides for every run")
     args = parser.parse_args()
+    jobs = [(name, seed) for name in available(args.estimators) for seed in args.seeds]
+
+    def one(job: tuple[str, int]) -> dict:
+        name, seed = job
+        run_dir = args.out / "runs" / f"{name}_seed{seed}"
+        seconds = train(name, seed, args.samples, args.eval_every, run_dir, args.overrides, args.threads)
+        print(f"{name} seed {seed}: {seconds:.0f} s", flush=True)
+        return read_run(run_dir) | {"wall_seconds": seconds}
+
     runs: dict[str, list[dict]] = {}
-    for name in available(args.estimators):
-        for seed in args.seeds:
-            run_dir = args.out / "runs" / f"{name}_seed{seed}"
-            seconds = train(name, seed, args.samples, args.eval_every, run_dir, args.overrides)
-            runs.setdefault(name, []).append(read_run(run_dir) | {"wall_seconds": seconds})
-            print(f"{name} seed {seed}: {seconds:.0f} s", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for (name, _), run in zip(jobs, pool.map(one, jobs)):
+            runs.setdefault(name, []).append(run)
     base = statistics.mean(run["first_eval"]["reward_mean"] for group in runs.values() for run in group)
     best = max(statistics.mean(run["last_eval"]["reward_mean"] for run in group) for group in runs.values())
-    threshold = base + 0.5 * (best - base)
+    threshold = base + 0.5 * (best - base) if args.threshold is None else args.threshold
     markdown = table(runs, threshold, args.samples)
     (args.out / "table.md").write_text(markdown)
     (args.out / "results.json").write_text(json.dumps(runs, indent=1))
