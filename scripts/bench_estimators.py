@@ -7,10 +7,10 @@
 Every estimator is built from its configs/estimator/*.yaml defaults (the published ones, but rlr's
 fo_steps is 3) as `rlr-train estimator=NAME` composes it, and the reward is saturation (differentiable,
 no weights). An estimator that cannot run on the benched model (a ShortFT shortcut of another model, or
-one whose hub weights are not here) is listed under the table with its one-line reason. One training step = one estimator call + backward + AdamW step
-(rlr_official alternates FO and HO calls: its step time is the mean of one FO and one HO call). Times
-are the fastest of --steps repeats, the sampling pass's the fastest of its runs beside every estimator
-(machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
+one whose hub weights are not here) is listed under the table with its one-line reason. One training
+step = one estimator call + backward + AdamW step (rlr_official alternates FO and HO calls: its step time
+is the mean of one FO and one HO call). Times are the fastest of --steps repeats, the sampling pass's
+the fastest of its runs beside every estimator (machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
 on CPU the peak bytes saved for backward (autograd saved-tensor hooks; a no-grad sampling pass saves
 none, so no ratio), with the model's gradient checkpointing as chosen by --checkpointing.
 """
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

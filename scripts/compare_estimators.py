@@ -5,14 +5,16 @@
 Each (estimator, seed) is a real `rlr-train experiment=toy_aesthetic_<estimator>` run in its own process
 (so peak memory is its own), stopped by trainer.max_samples. Writes table.md, results.json and
 reward_vs_samples.png / reward_vs_seconds.png into --out. `--jobs 2 --threads 1` runs two at a time with
-one torch thread each (every run then sees the same contention, so seconds stay comparable). A run whose
-folder is complete is read, not rerun: after a crash the same command carries on.
+one torch thread each (every run then sees the same contention, so seconds stay comparable). A finished
+run (its folder holds compare_run.json with the same overrides) is read, not rerun: after a crash the
+same command carries on, and an unfinished run's folder is started again.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,20 +33,26 @@ def available(estimators: list[str]) -> list[str]:
 def train(estimator: str, seed: int, samples: int, eval_every: int, run_dir: Path, extra: list[str],
           threads: int) -> float:
     """One run (or the record of a finished one); returns its wall-clock seconds, start-up included."""
-    done = run_dir / "wall_seconds.txt"
-    if done.exists():
-        return float(done.read_text())
-    command = [sys.executable, "-m", "rlr_cli.cli", f"experiment=toy_aesthetic_{estimator}", f"seed={seed}",
-               f"trainer.max_samples={samples}", "trainer.max_steps=100000", f"trainer.eval_every={eval_every}",
-               "trainer.checkpoint_every=0", "trainer.progress=false", "logger=none", f"hydra.run.dir={run_dir}",
-               *extra]
+    overrides = [f"experiment=toy_aesthetic_{estimator}", f"seed={seed}", f"trainer.max_samples={samples}",
+                 "trainer.max_steps=100000", f"trainer.eval_every={eval_every}", "trainer.checkpoint_every=0",
+                 "trainer.progress=false", "logger=none", f"hydra.run.dir={run_dir}", *extra]
+    record = run_dir / "compare_run.json"  # written last: its presence marks the run complete
+    if record.exists():
+        done = json.loads(record.read_text())
+        if done["overrides"] != overrides:
+            raise SystemExit(f"{run_dir} holds a run with other settings ({' '.join(done['overrides'])}); "
+                             "choose another --out or remove that folder")
+        return done["wall_seconds"]
+    if run_dir.exists():  # an unfinished run (a crash): start it again from nothing
+        shutil.rmtree(run_dir)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "rlr_cli.cli", *overrides], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{estimator} seed {seed} failed:\n{result.stderr[-3000:]}")
     seconds = time.perf_counter() - start
-    done.write_text(f"{seconds}\n")  # written last: its presence marks the run complete
+    record.write_text(json.dumps({"overrides": overrides, "wall_seconds": seconds}) + "\n")
     return seconds
 
 
@@ -117,7 +125,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     for axis_index, (label, filename) in enumerate([("training trajectories", "reward_vs_samples.png"),
-                                                     ("training seconds", "reward_vs_seconds.png")]):
+                                                     ("wall-clock training seconds (evaluations excluded)", "reward_vs_seconds.png")]):
         figure, axis = plt.subplots(figsize=(7, 4))
         for colour, (name, group) in enumerate(runs.items()):
             curves = [([point[axis_index] for point in run["curve"]], smooth([point[2] for point in run["curve"]]))
