@@ -52,7 +52,7 @@ def train_vae(vae: AutoencoderKL, steps: int, minutes: float, batch_size: int = 
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().cpu()
-    return {"steps": step, "seconds": time.time() - start, "loss": float(loss)}
+    return {"steps": step, "seconds": time.time() - start, "loss": loss.item()}
 
 
 @torch.no_grad()
