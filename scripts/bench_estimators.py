@@ -10,9 +10,10 @@ no weights). An estimator that cannot run on the benched model (a ShortFT shortc
 one whose hub weights are not here) is listed under the table with its one-line reason. One training
 step = one estimator call + backward + AdamW step (rlr_official alternates FO and HO calls: its step time
 is the mean of one FO and one HO call). Times are the fastest of --steps repeats, the sampling pass's
-the fastest of its runs beside every estimator (machines here are shared). Peak memory: torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's);
-on CPU the peak bytes saved for backward (autograd saved-tensor hooks; a no-grad sampling pass saves
-none, so no ratio), with the model's gradient checkpointing as chosen by --checkpointing.
+the fastest of its runs beside every estimator (machines here are shared). Peak memory:
+torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's); on CPU the peak bytes saved for
+backward (autograd saved-tensor hooks; a no-grad sampling pass saves none, so no ratio), with the model's
+gradient checkpointing as chosen by --checkpointing.
 """
 from __future__ import annotations
 
