@@ -35,7 +35,7 @@ def test_discovery_finds_every_group():
 def test_option_composes_and_binds(option):
     plain = validate(compose_config(option))
     group, name = option.split("=")
-    if group not in ("experiment", "metrics"):  # presets and metric sets hold several nodes
+    if group not in ("experiment", "metrics", "setup", "recipe"):  # presets and metric sets hold several nodes
         assert plain[group]["_target_"]
 
 
