@@ -16,8 +16,9 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/rlr-train $(ARGS)
 
+# Every suite (unit, integration, statistical): what CI runs.
 test: $(STAMP)
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -10,8 +10,16 @@ from typing import Literal, Sequence
 from torch import Tensor
 
 from rewards.clip_score import load_clip
-from rewards.common import MLPHead, checkpoint_layers, follow_device, freeze, load_strict, read_state_dict
-from rewards.common import resolve_file, torch_dtype
+from rewards.common import (
+    MLPHead,
+    checkpoint_layers,
+    follow_device,
+    freeze,
+    load_strict,
+    read_state_dict,
+    resolve_file,
+    torch_dtype,
+)
 from rewards.preprocess import clip_preprocess
 
 
@@ -22,15 +30,16 @@ class AestheticScore:
 
     def __init__(
         self,
-        path: str = "openai/clip-vit-large-patch14",
-        head: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
-        cache_dir: str | None = None,
-        dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-        gradient_checkpointing: bool = False,
-        image_size: int | None = None,
-        crop_size: int | None = None,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
+        *,
+        path: str,
+        head: str,
+        cache_dir: str | None,
+        dtype: Literal["fp32", "bf16", "fp16"],
+        gradient_checkpointing: bool,
+        image_size: int | None,
+        crop_size: int | None,
+        mean: list[float] | None,
+        std: list[float] | None,
     ):
         what = "reward aesthetic"
         self.dtype = torch_dtype(dtype)

@@ -1,7 +1,7 @@
 """CLIP score for any transformers CLIPModel: PickScore v1, and `toy_clipscore` on the toy CLIP."""
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ def load_clip(path: str, cache_dir: str | None, what: str, key: str = "path"):
 
     folder = resolve_folder(path, cache_dir=cache_dir, key=key, what=what, patterns=CONFIG_FILES, weights=True)
     try:
-        model, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
+        loaded: Any = CLIPModel.from_pretrained(folder, output_loading_info=True)
+        model, info = loaded
     except (OSError, ValueError) as error:
         raise UserError(f"{what}: cannot load a CLIPModel from {folder!r}: {str(error).splitlines()[0]}") from None
     check_loading_info(info, what)
@@ -37,16 +38,17 @@ class ClipScore:
 
     def __init__(
         self,
-        path: str = "yuvalkirstain/PickScore_v1",
-        processor_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        cache_dir: str | None = None,
-        dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-        gradient_checkpointing: bool = False,
-        image_size: int | None = None,
-        crop_size: int | None = None,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        max_length: int = 77,
+        *,
+        path: str,
+        processor_path: str | None,
+        cache_dir: str | None,
+        dtype: Literal["fp32", "bf16", "fp16"],
+        gradient_checkpointing: bool,
+        image_size: int | None,
+        crop_size: int | None,
+        mean: list[float] | None,
+        std: list[float] | None,
+        max_length: int,
     ):
         from transformers import AutoTokenizer
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -17,15 +17,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"reward dtype {name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def plain(value):
-    """OmegaConf containers (what Hydra passes by default) -> plain dicts / lists; anything else as is."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def _looks_local(source: str) -> bool:
@@ -76,7 +67,7 @@ def resolve_folder(
             wanted = patterns + (["*.safetensors", "*.bin"] if weights else [])
             return snapshot_download(source, cache_dir=cache_dir, allow_patterns=wanted, local_files_only=True)
         info = HfApi().repo_info(source, timeout=10)  # one request, no retries: fails at once without a hub
-        files = [sibling.rfilename for sibling in info.siblings or []]
+        files = [sibling.rfilename for sibling in getattr(info, "siblings", None) or []]  # a model repo's files
         if weights:
             patterns = patterns + ["*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"]
         return snapshot_download(source, cache_dir=cache_dir, allow_patterns=patterns)
@@ -158,8 +149,12 @@ def check_loading_info(info: Mapping[str, list], what: str) -> None:
         raise UserError(f"{what}: weights do not match the architecture; " + "; ".join(problems))
 
 
-def freeze(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """eval(), requires_grad_(False), cast to dtype; gradients still flow to the inputs."""
+def freeze(module: Any, dtype: torch.dtype) -> Any:
+    """eval(), requires_grad_(False), cast to dtype; gradients still flow to the inputs.
+
+    Any in, Any out: the rewards reach into their models' submodules (vision_model.encoder.layers, ...),
+    which nn.Module's __getattr__ types as Tensor | Module.
+    """
     return module.to(dtype).eval().requires_grad_(False)
 
 

@@ -1,14 +1,20 @@
 """Human Preference Score v2.0 / v2.1: a fine-tuned open_clip ViT-H-14; score = cosine(image, prompt)."""
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
-import torch
 from torch import Tensor
 
-from rewards.common import checkpoint_layers, follow_device, freeze, load_strict, read_state_dict, resolve_file
-from rewards.common import plain, torch_dtype
-from rewards.preprocess import ClipPreprocess
+from rewards.common import (
+    checkpoint_layers,
+    follow_device,
+    freeze,
+    load_strict,
+    read_state_dict,
+    resolve_file,
+    torch_dtype,
+)
+from rewards.preprocess import ClipPreprocess, _rgb
 from rlr_cli.errors import UserError
 
 HUB_FILES = {"v2.0": "xswu/HPSv2/HPS_v2_compressed.pt", "v2.1": "xswu/HPSv2/HPS_v2.1_compressed.pt"}
@@ -24,12 +30,13 @@ class HPSv2:
 
     def __init__(
         self,
-        version: Literal["v2.0", "v2.1"] = "v2.1",
-        path: str | None = None,
-        cache_dir: str | None = None,
-        dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-        gradient_checkpointing: bool = False,
-        model_config: dict | None = None,
+        *,
+        version: Literal["v2.0", "v2.1"],
+        path: str | None,
+        cache_dir: str | None,
+        dtype: Literal["fp32", "bf16", "fp16"],
+        gradient_checkpointing: bool,
+        model_config: dict | None,
     ):
         import open_clip
 
@@ -38,11 +45,12 @@ class HPSv2:
             raise UserError(f"reward hps: version {version!r} is not one of {sorted(HUB_FILES)}")
         self.dtype = torch_dtype(dtype)
         weights = resolve_file(path or HUB_FILES[version], cache_dir=cache_dir, key="path", what=what)
-        checkpoint = read_state_dict(weights, what)
+        checkpoint: Any = read_state_dict(weights, what)  # {"state_dict": ...}
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise UserError(f"{what}: {weights!r} has no 'state_dict' entry; is it an HPS checkpoint?")
         # model_config (embed_dim / vision_cfg / text_cfg) replaces parts of ViT-H-14: for stand-ins only
-        model = open_clip.create_model("ViT-H-14", pretrained=None, **(plain(model_config) or {}))
+        parts: dict[str, Any] = dict(model_config or {})
+        model = open_clip.create_model("ViT-H-14", pretrained=None, **parts)
         load_strict(model, checkpoint["state_dict"], f"{what} {weights}")
         self.model = freeze(model, self.dtype)
         if gradient_checkpointing:
@@ -52,7 +60,7 @@ class HPSv2:
         config = self.model.visual.preprocess_cfg
         size = self.model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        self.preprocess = ClipPreprocess(size, size, tuple(config["mean"]), tuple(config["std"]))
+        self.preprocess = ClipPreprocess(size, size, _rgb(config["mean"]), _rgb(config["std"]))
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         follow_device([self.model], images.device)

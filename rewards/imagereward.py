@@ -15,8 +15,17 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from rewards.common import MLPHead, checkpoint_layers, follow_device, freeze, load_strict, read_state_dict
-from rewards.common import plain, resolve_file, resolve_folder, torch_dtype
+from rewards.common import (
+    MLPHead,
+    checkpoint_layers,
+    follow_device,
+    freeze,
+    load_strict,
+    read_state_dict,
+    resolve_file,
+    resolve_folder,
+    torch_dtype,
+)
 from rewards.preprocess import ClipPreprocess
 from rlr_cli.errors import UserError
 
@@ -143,13 +152,14 @@ class ImageReward:
 
     def __init__(
         self,
-        path: str = "THUDM/ImageReward",
-        tokenizer_path: str = "bert-base-uncased",
-        cache_dir: str | None = None,
-        dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-        gradient_checkpointing: bool = False,
-        vision_config: dict | None = None,
-        max_length: int = 35,
+        *,
+        path: str,
+        tokenizer_path: str,
+        cache_dir: str | None,
+        dtype: Literal["fp32", "bf16", "fp16"],
+        gradient_checkpointing: bool,
+        vision_config: dict | None,
+        max_length: int,
     ):
         what = "reward imagereward"
         self.dtype = torch_dtype(dtype)
@@ -160,7 +170,7 @@ class ImageReward:
         config_file = resolve_file(f"{base}/med_config.json", cache_dir=cache_dir, key="path", what=what)
         with open(config_file) as file:
             med_config = json.load(file)
-        vision, text = build_configs(med_config, plain(vision_config))
+        vision, text = build_configs(med_config, vision_config)
         self.tokenizer = load_tokenizer(tokenizer_path, cache_dir, what)
         if len(self.tokenizer) != text.vocab_size:
             raise UserError(
@@ -173,7 +183,8 @@ class ImageReward:
         if gradient_checkpointing:
             checkpoint_layers(self.model.vision_model.encoder.layers)
             checkpoint_layers(self.model.text_model.encoder.layer)
-        self.preprocess = ClipPreprocess(vision.image_size, vision.image_size)
+        side = int(vision.image_size)  # type: ignore[arg-type]  (an int in every BLIP config)
+        self.preprocess = ClipPreprocess(side, side)
         self.max_length = max_length
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

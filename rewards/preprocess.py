@@ -59,6 +59,11 @@ def _side(value) -> int | None:
     return value["height"]
 
 
+def _rgb(values) -> tuple[float, float, float]:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
+
+
 def clip_preprocess(
     folder: str | None,
     default_size: int,
@@ -79,6 +84,6 @@ def clip_preprocess(
     return ClipPreprocess(
         size=size or folder_size,
         crop_size=crop_size or folder_crop or size or folder_size,
-        mean=tuple(mean or config.get("image_mean") or OPENAI_CLIP_MEAN),
-        std=tuple(std or config.get("image_std") or OPENAI_CLIP_STD),
+        mean=_rgb(mean or config.get("image_mean") or OPENAI_CLIP_MEAN),
+        std=_rgb(std or config.get("image_std") or OPENAI_CLIP_STD),
     )

@@ -11,30 +11,28 @@ import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from rlr_cli.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class _InputError(Exception):
-    """Bad input to rlr-score (shown as one line, exit status 2)."""
 
 
 def reward_names() -> list[str]:
     """The reward config group's options (configs/reward/*.yaml)."""
-    return sorted(path.stem for path in (CONFIG_DIR / "reward").glob("*.yaml"))
+    from rlr_cli.config import group_options
+
+    return group_options("reward")
 
 
 def list_images(folder: str) -> list[str]:
     """File names of the images in `folder`, sorted."""
     if not folder:
-        raise _InputError("no image folder given: set images=/path/to/folder")
+        raise UserError("no image folder given: set images=/path/to/folder")
     if not os.path.isdir(folder):
-        raise _InputError(f"image folder {folder!r} does not exist")
+        raise UserError(f"image folder {folder!r} does not exist")
     names = sorted(name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
     if not names:
-        raise _InputError(f"no .png/.jpg images in {folder!r}")
+        raise UserError(f"no .png/.jpg images in {folder!r}")
     return names
 
 
@@ -43,20 +41,20 @@ def read_prompts(path: str | None, names: list[str]) -> list[str]:
     if path is None:
         return [""] * len(names)
     if not os.path.isfile(path):
-        raise _InputError(f"prompt file {path!r} does not exist")
+        raise UserError(f"prompt file {path!r} does not exist")
     if path.endswith(".json"):
         with open(path) as file:
             mapping = json.load(file)
         if not isinstance(mapping, dict):
-            raise _InputError(f"{path!r} must hold a JSON object {{file name: prompt}}")
+            raise UserError(f"{path!r} must hold a JSON object {{file name: prompt}}")
         missing = [name for name in names if name not in mapping]
         if missing:
-            raise _InputError(f"{path!r} has no prompt for {len(missing)} image(s), e.g. {missing[0]!r}")
+            raise UserError(f"{path!r} has no prompt for {len(missing)} image(s), e.g. {missing[0]!r}")
         return [str(mapping[name]) for name in names]
     with open(path) as file:
         prompts = [line.rstrip("\n") for line in file if line.strip()]
     if len(prompts) != len(names):
-        raise _InputError(f"{path!r} has {len(prompts)} prompts for {len(names)} images (need one per image)")
+        raise UserError(f"{path!r} has {len(prompts)} prompts for {len(names)} images (need one per image)")
     return prompts
 
 
@@ -90,56 +88,20 @@ def score_folder(reward, folder: str, names: list[str], prompts: list[str], batc
     return scores
 
 
-def compose(overrides: list[str]):
-    """Compose configs/score.yaml with command-line overrides -> (config, chosen reward name)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf import OmegaConf
-
-    for override in overrides:
-        if override.split("=", 1)[0].lstrip("+~") == "reward" and "=" in override:
-            name = override.split("=", 1)[1]
-            if name not in reward_names():
-                raise _InputError(f"unknown reward {name!r}; valid: {', '.join(reward_names())}")
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            config = hydra_compose("score", overrides=overrides, return_hydra_config=True)
-    except MissingConfigException as error:
-        raise _InputError(f"{str(error).splitlines()[0]}; valid rewards: {', '.join(reward_names())}") from None
-    except HydraException as error:
-        raise _InputError(" ".join(str(error).split())) from None
-    name = config.hydra.runtime.choices.get("reward", "reward")
-    OmegaConf.set_struct(config, False)
-    del config["hydra"]
-    return config, name
-
-
-def build_reward(node):
-    """Instantiate the reward node; a UserError inside comes out as itself."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        from rlr_cli.errors import UserError
-
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise _InputError(" ".join(str(error).split())) from None
-
-
 def run(overrides: list[str]) -> dict:
     """Score the folder and write the JSON; returns what it wrote."""
-    config, name = compose(overrides)
-    names = list_images(config.images)
-    prompts = read_prompts(config.prompt_file, names)
-    reward = build_reward(config.reward)
-    scores = score_folder(reward, config.images, names, prompts, config.batch_size, config.device)
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlr_cli.build import instantiate
+    from rlr_cli.config import check_nodes, compose, to_plain
+
+    config = to_plain(compose(overrides, "score"))
+    name = HydraConfig.get().runtime.choices.get("reward", "reward")
+    names = list_images(config["images"])
+    prompts = read_prompts(config["prompt_file"], names)
+    check_nodes(config["reward"], "reward")
+    reward = instantiate(config["reward"], "reward")
+    scores = score_folder(reward, config["images"], names, prompts, config["batch_size"], config["device"])
     result = {
         "reward": name,
         "mean": statistics.fmean(scores),
@@ -147,7 +109,7 @@ def run(overrides: list[str]) -> dict:
         "n": len(scores),
         "scores": dict(zip(names, scores)),
     }
-    output = config.output or os.path.join(config.images, f"scores_{name}.json")
+    output = config["output"] or os.path.join(config["images"], f"scores_{name}.json")
     with open(output, "w") as file:
         json.dump(result, file, indent=2)
     print(f"{name}: {result['mean']:.4f} +- {result['std']:.4f} (n={result['n']}) -> {output}")
@@ -156,17 +118,13 @@ def run(overrides: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: key=value overrides only; exit status 2 with one line on bad input."""
-    from rlr_cli.errors import UserError
+    from rlr_cli.commands import guarded
 
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__.strip() + f"\n\nRewards: {', '.join(reward_names())}")
+        print((__doc__ or "").strip() + f"\n\nRewards: {', '.join(reward_names())}")
         return
-    try:
-        run(argv)
-    except (UserError, _InputError) as error:
-        print(f"rlr-score: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    guarded("rlr-score", lambda: run(argv))
 
 
 if __name__ == "__main__":

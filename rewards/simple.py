@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 from torch import Tensor
 
 
@@ -22,7 +23,7 @@ class JpegCompressibility:
 
     differentiable = False
 
-    def __init__(self, incompressible: bool = False, quality: int = 95):
+    def __init__(self, *, incompressible: bool, quality: Annotated[int, Field(ge=1, le=100)]):
         self.sign = 1.0 if incompressible else -1.0
         self.quality = quality
 

@@ -7,24 +7,27 @@ import torch
 from torch import Tensor
 
 from rlr_cli.errors import UserError
+from rlr_cli.interfaces import Reward
 
 
 class WeightedSum:
     """sum_k weight_k * reward_k(images, prompts); images (B,3,H,W) in [0,1] -> (B,).
 
-    components: {name: {weight: float, reward: Reward}}, the rewards already built (Hydra instantiates
-    the nested nodes recursively). Differentiable exactly when every component is.
+    components: {name: {weight: float, reward: Reward}}, the rewards already built (the composition
+    root builds the nested nodes first). Differentiable exactly when every component is.
     """
 
-    def __init__(self, components: dict):
+    differentiable = True  # before its parts are built: config.reward_is_differentiable checks them too
+
+    def __init__(self, *, components: dict):
         if not components:
             raise UserError("reward weighted: `components` is empty; give at least one {weight, reward}")
-        self.components: list[tuple[str, float, object]] = []
+        self.components: list[tuple[str, float, Reward]] = []
         for name, entry in components.items():
             if not isinstance(entry, Mapping) or "weight" not in entry or "reward" not in entry:
                 raise UserError(f"reward weighted: component {name!r} needs `weight` and `reward` keys")
             reward = entry["reward"]
-            if not callable(reward) or not hasattr(reward, "differentiable"):
+            if not isinstance(reward, Reward):
                 raise UserError(f"reward weighted: component {name!r} `reward` is not a built reward (a `_target_` node)")
             self.components.append((str(name), float(entry["weight"]), reward))
         self.differentiable = all(reward.differentiable for _, _, reward in self.components)

@@ -1,5 +1,5 @@
 """Checkpoints: written atomically (temporary folder + rename), restored exactly (weights, optimizer,
-LR schedule, RNG states, trainer and estimator state).
+LR schedule, RNG states, fp16 loss scale, trainer and estimator state).
 
 Layout of checkpoints/step_N/: adapter/ (diffusers LoRA format), optimizer.pt (tensors only, loaded with
 weights_only=True), state.json (step, counters, LR schedule, estimator state, Python/NumPy RNG),
@@ -12,12 +12,14 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from rlr_cli.errors import UserError
+from rlr_cli.interfaces import Stateful, TrainablePolicy
 
 REQUIRED = ("adapter", "optimizer.pt", "state.json")
 
@@ -30,21 +32,6 @@ class TrainState:
     samples: int = 0  # training trajectories drawn so far, all ranks together
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first."""
-    folders = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "state.json").exists()]
-    return sorted(folders, key=lambda p: int(p.name.split("_")[1]))
-
-
-def find_latest(run_dir: Path) -> Path | None:
-    """Newest checkpoint of this run folder, else of its sibling runs (same parent folder)."""
-    own = checkpoint_dirs(run_dir)
-    if own:
-        return own[-1]
-    siblings = [c for sibling in run_dir.parent.glob("*") if sibling.is_dir() for c in checkpoint_dirs(sibling)[-1:]]
-    return max(siblings, key=lambda p: p.stat().st_mtime) if siblings else None
-
-
 def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
@@ -52,8 +39,9 @@ def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, policy, optimizer, scheduler, generator, estimator,
-                    rank: int, barrier) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, policy: TrainablePolicy, optimizer: Any, scheduler: Any,
+                    generator: torch.Generator, estimator: object, scaler: Any, rank: int,
+                    barrier: Callable[[], None]) -> Path:
     """Every rank calls this; rank 0 writes the shared files and publishes the folder by renaming it."""
     final = run_dir / "checkpoints" / f"step_{state.step}"
     scratch = run_dir / "checkpoints" / f".incomplete_step_{state.step}"
@@ -65,11 +53,12 @@ def save_checkpoint(run_dir: Path, state: TrainState, policy, optimizer, schedul
     if rank == 0:
         policy.save_adapter(str(scratch / "adapter"))
         torch.save(optimizer.state_dict(), scratch / "optimizer.pt")
-        numpy_state = np.random.get_state()
+        numpy_state: Any = np.random.get_state()  # the legacy tuple (kind, keys, pos, has_gauss, cached)
         payload = {
             "trainer": asdict(state),
             "scheduler": scheduler.state_dict(),
-            "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None,
+            "estimator": estimator.state_dict() if isinstance(estimator, Stateful) else None,
+            "loss_scaler": scaler.state_dict() if scaler is not None else None,
             "python_rng": random.getstate(),
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         }
@@ -82,7 +71,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, policy, optimizer, schedul
     return final
 
 
-def load_checkpoint(folder: Path, policy, optimizer, scheduler, generator, estimator, rank: int) -> TrainState:
+def load_checkpoint(folder: Path, policy: TrainablePolicy, optimizer: Any, scheduler: Any,
+                    generator: torch.Generator, estimator: object, scaler: Any, rank: int) -> TrainState:
     """Restore everything save_checkpoint wrote; a corrupt or partial folder is a UserError."""
     missing = [name for name in REQUIRED if not (folder / name).exists()]
     if missing:
@@ -96,10 +86,13 @@ def load_checkpoint(folder: Path, policy, optimizer, scheduler, generator, estim
     except UserError:
         raise
     except Exception as error:  # truncated files, bad JSON, wrong shapes: all mean the same to the user
-        raise UserError(f"checkpoint {folder} cannot be read ({type(error).__name__}: {error})") from None
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise UserError(f"checkpoint {folder} cannot be read ({type(error).__name__}: {reason[:200]})") from None
     scheduler.load_state_dict(payload["scheduler"])
-    if payload["estimator"] is not None and hasattr(estimator, "load_state_dict"):
+    if payload["estimator"] is not None and isinstance(estimator, Stateful):
         estimator.load_state_dict(payload["estimator"])
+    if scaler is not None and payload.get("loss_scaler"):
+        scaler.load_state_dict(payload["loss_scaler"])
     random.setstate((payload["python_rng"][0], tuple(payload["python_rng"][1]), payload["python_rng"][2]))
     kind, keys, *rest = payload["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))

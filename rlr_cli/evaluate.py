@@ -2,98 +2,99 @@
 reward and by others (reward hacking shows as one going up while the others fall).
 
     rlr-eval model=toy reward=toy_aesthetic eval.adapter=outputs/.../adapter eval.rewards=[toy_clipscore]
-    rlr-eval --run outputs/.../<run folder>          # the run's own model, reward and final adapter
+    rlr-eval --run outputs/.../<run folder> [model.num_steps=...]   # the run's model, reward and adapter
 
-Writes eval.json (mean +- standard error per reward) and grid.png into eval.out (default: beside the
-adapter, or ./eval_<timestamp>).
+Options: configs/eval.yaml. Writes eval.json (the record of rlr_cli/evaluation.py) and grid.png into
+eval.out (default: beside the adapter, or ./eval_<timestamp>).
 """
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-import torch
+from pydantic import Field
 
-from rlr_cli.cli import compose, fail
+from rlr_cli import evaluation
+from rlr_cli.commands import guarded
+from rlr_cli.errors import UserError
 
-
-def score_policy(policy, rewards: dict, prompts: list[str], seed: int, batch_size: int):
-    """Sample prompts with one fixed generator; -> images (N,3,H,W), {reward name: scores (N,)}."""
-    generator = torch.Generator().manual_seed(seed)
-    images, scores = [], {name: [] for name in rewards}
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            batch = policy.decode(policy.sample(chunk, generator=generator).final)
-            images.append(batch.float().cpu())
-            for name, reward in rewards.items():
-                scores[name].append(reward(batch, chunk).float().cpu())
-    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
+PROGRAM = "rlr-eval"
 
 
-def summarise(scores: dict[str, torch.Tensor]) -> dict[str, dict]:
-    return {
-        name: {"mean": v.mean().item(), "std": v.std().item(), "se": v.std().item() / math.sqrt(len(v)),
-               "scores": v.tolist()}
-        for name, v in scores.items()
-    }
+@dataclass(frozen=True)
+class EvalOptions:
+    """The `eval` node of configs/eval.yaml."""
+
+    run: str | None
+    adapter: str | None
+    rewards: list[str]
+    num_prompts: Annotated[int, Field(ge=1)]
+    seed: int
+    batch_size: Annotated[int, Field(ge=1)]
+    out: str | None
 
 
-def load_run_overrides(run_dir: Path) -> tuple[list[str], Path]:
-    """Group choices of a finished run (from its Hydra record) and its final adapter."""
+def run_config(run_dir: Path, overrides: list[str]) -> dict:
+    """A finished run's resolved config with key=value overrides applied (no group choices)."""
     from omegaconf import OmegaConf
 
-    record = run_dir / ".hydra" / "overrides.yaml"
-    overrides = list(OmegaConf.load(record)) if record.exists() else []
-    return [o for o in overrides if not o.startswith(("trainer.", "hydra"))], run_dir / "adapter"
+    from rlr_cli.config import to_plain
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise UserError(f"--run {run_dir}: no config.yaml there (not a run folder)")
+    groups = [o for o in overrides if "." not in o.partition("=")[0]]
+    if groups:
+        raise UserError(f"--run takes the run's own groups; {groups[0]} cannot be combined with it")
+    config = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(overrides))
+    return to_plain(config)  # type: ignore[arg-type]
+
+
+def evaluate(argv: list[str]) -> None:
+    from rlr_cli.build import instantiate
+    from rlr_cli.config import bind, compose, to_plain, trusted_modules, validate
+
+    if "--run" in argv:  # sugar for eval.run=DIR
+        index = argv.index("--run")
+        if index + 1 >= len(argv):
+            raise UserError("--run needs a run folder")
+        argv = argv[:index] + [f"eval.run={argv[index + 1]}"] + argv[index + 2 :]
+    eval_args = [a for a in argv if a.startswith("eval.")]
+    options = EvalOptions(**bind(EvalOptions, to_plain(compose(eval_args, "eval"))["eval"], "eval"))
+    overrides = [a for a in argv if not a.startswith("eval.")]
+    if options.run is not None:
+        plain = run_config(Path(options.run), overrides)
+        reward_name, adapter = plain.get("reward_name", "reward"), Path(options.run) / "adapter"
+    else:
+        plain = validate(compose(overrides, "eval"), across_groups=False)
+        reward_name, adapter = plain["reward_name"], None
+    adapter = Path(options.adapter) if options.adapter else adapter
+    trusted = trusted_modules(plain)
+    others = {name: validate(compose([f"reward={name}"]), across_groups=False)["reward"] for name in options.rewards}
+    policy = instantiate(plain["model"], "model", trusted)
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise UserError(f"adapter folder {adapter} does not exist")
+        policy.load_adapter(str(adapter))
+    reward = instantiate(plain["reward"], "reward", trusted)
+    metrics = {name: instantiate(node, "reward", trusted) for name, node in others.items()}
+    prompts = instantiate(plain["prompts"], "prompts", trusted).eval_prompts(options.num_prompts)
+    result = evaluation.evaluate(policy, reward, metrics, prompts, options.seed, options.batch_size, progress=True)
+    record = evaluation.record(result, reward_name, adapter=str(adapter) if adapter else None)
+    default_out = adapter.parent / "final_eval" if adapter else Path(f"eval_{time.strftime('%Y%m%d_%H%M%S')}")
+    out = Path(options.out) if options.out else default_out
+    evaluation.write(result, record, out / "eval.json", out / "grid.png", title=str(adapter or "base model"))
+    print(f"{reward_name}: {record['reward_mean']:.4f} +- {record['reward_se']:.4f} (se, n={len(prompts)})")
+    for name, values in record["metrics"].items():
+        print(f"{name}: {values['mean']:.4f} +- {values['se']:.4f} (se, n={len(prompts)})")
+    print(f"{PROGRAM}: wrote {out / 'eval.json'} and {out / 'grid.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rlr_cli.build import instantiate_node, validate
-    from rlr_cli.errors import UserError
-    from rlr_cli.images import save_grid
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    adapter = None
-    if "--run" in argv:
-        index = argv.index("--run")
-        run_overrides, adapter = load_run_overrides(Path(argv[index + 1]))
-        argv = run_overrides + argv[:index] + argv[index + 2 :]
-    eval_args = dict(a.split("=", 1) for a in argv if a.startswith("eval."))
-    overrides = [a for a in argv if not a.startswith("eval.")]
-    adapter = eval_args.get("eval.adapter", adapter)
-    try:
-        plain = validate(compose(overrides))
-        from hydra.core.hydra_config import HydraConfig
-
-        trained_reward = HydraConfig.get().runtime.choices["reward"]
-        extra = [n for n in eval_args.get("eval.rewards", "[]").strip("[]").split(",") if n.strip()]
-        reward_nodes = {trained_reward: plain["reward"]}
-        for name in extra:
-            reward_nodes[name.strip()] = validate(compose(overrides + [f"reward={name.strip()}"]))["reward"]
-        policy = instantiate_node(plain["model"])
-        if adapter not in (None, "null"):
-            policy.load_adapter(str(adapter))
-        rewards = {name: instantiate_node(node) for name, node in reward_nodes.items()}
-        prompts = instantiate_node(plain["prompts"]).eval_prompts(int(eval_args.get("eval.num_prompts", 16)))
-        images, scores = score_policy(policy, rewards, prompts, int(eval_args.get("eval.seed", 1234)),
-                                      int(eval_args.get("eval.batch_size", 8)))
-    except UserError as error:
-        fail(str(error))
-    default_out = Path(adapter).parent / "final_eval" if adapter else Path(f"eval_{time.strftime('%Y%m%d_%H%M%S')}")
-    out = Path(eval_args.get("eval.out", default_out))
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"adapter": str(adapter) if adapter else None, "prompts": prompts, "rewards": summarise(scores)}
-    (out / "eval.json").write_text(json.dumps(summary, indent=1))
-    first = next(iter(scores))
-    captions = [f"{p}\n{first}={s:.3g}" for p, s in zip(prompts, scores[first].tolist())]
-    save_grid(images, captions, out / "grid.png", title=str(adapter or "base model"))
-    for name, stats in summary["rewards"].items():
-        print(f"{name}: {stats['mean']:.4f} +- {stats['se']:.4f} (se, n={len(prompts)})")
-    print(f"rlr-eval: wrote {out / 'eval.json'} and {out / 'grid.png'}")
+    guarded(PROGRAM, lambda: evaluate(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The contracts between policy, reward, estimator and trainer (Protocols, not base classes).
+"""The contracts between model family, policy, chain, reward, estimator and trainer (Protocols).
+
+Every member named here is one that some other layer really uses; docs/architecture.md says who.
 
 Chain indexing used everywhere: a rollout of T transitions has latents x_T..x_0 stored in order, so
 `latents[:, i]` is the input of transition `i` (i = 0 is the first, pure-noise step) and
@@ -7,10 +9,52 @@ Chain indexing used everywhere: a rollout of T transitions has latents x_T..x_0 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
+
+Backward = Callable[[Tensor], None]
+"""The trainer's backward: differentiates one scalar loss term into the trainable weights' .grad."""
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+class Chain(Protocol):
+    """A sampler's transitions: x_next = mean(x, model output) + std * z, z ~ N(0, I).
+
+    Steps are given as a (B,) int64 tensor of transition indices, so one denoiser call can serve a
+    batch whose samples sit at different transitions.
+    """
+
+    @property
+    def num_steps(self) -> int: ...
+
+    @property
+    def timesteps(self) -> Tensor:
+        """(T,) the model's timestep input of each transition, descending."""
+        ...
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance this chain samples with; None: the policy's."""
+        ...
+
+    def adapters(self, i: int) -> tuple[str, ...]:
+        """Frozen extra adapters active beside the trainable one at transition i (usually none)."""
+        ...
+
+    def std(self, steps: Tensor) -> Tensor:
+        """(B,) -> (B,) float64 noise scale of each sample's transition."""
+        ...
+
+    def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        """Mean of x_next (B,C,H,W) from x and the guided model output (B,C,H,W)."""
+        ...
+
+    def predict_x0(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        """One-step prediction of x_0 (B,C,H,W) from x and the model output."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -20,7 +64,7 @@ class Rollout:
     latents   (B, T+1, C, H, W)  x_T..x_0; carries autograd history on the steps sampled with grad
     noises    (B, T, C, H, W)    the z drawn at each transition (x_next = mean + std * z)
     log_probs (B, T)             log p(x_next | x) of each transition, mean over latent dims, detached
-    timesteps (T,)               scheduler timesteps of the transitions
+    chain                        the chain it was sampled on (transitions re-run on the same one)
     cond                         conditioning the policy needs to re-run a transition (opaque here)
     prompts                      the B prompts
     """
@@ -28,7 +72,7 @@ class Rollout:
     latents: Tensor
     noises: Tensor
     log_probs: Tensor
-    timesteps: Tensor
+    chain: Chain
     cond: Any
     prompts: list[str]
 
@@ -44,81 +88,235 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Transition:
-    """Output of one sampler transition: x_next = mean + std * noise; shapes (B, C, H, W), std scalar."""
+    """Output of one sampler transition: x_next = mean + std * noise; shapes (B, C, H, W), std (B,)."""
 
     sample: Tensor
     mean: Tensor
-    std: float
+    std: Tensor
+
+
+# ---- the model ------------------------------------------------------------------------------------
+class LoraFormat(Protocol):
+    """How a family's pipeline stores LoRA files (diffusers' LoRA loader mixin of its pipeline class)."""
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of the denoiser's layers in a LoRA file: unet | transformer."""
+        ...
+
+    def save(self, directory: str, layers: dict[str, Tensor], metadata: dict) -> None: ...
+
+    def load_into(self, network: torch.nn.Module, state: dict, alphas: dict | None, metadata: dict | None,
+                  adapter_name: str) -> None: ...
+
+
+class Family(Protocol):
+    """The per-family part of a policy: what differs between SD 1.x, SDXL, SD3 and FLUX."""
+
+    @property
+    def denoiser(self) -> Any:
+        """The network the trainable adapter lives in (UNet, transformer): a diffusers ModelMixin."""
+        ...
+
+    @property
+    def lora_format(self) -> LoraFormat: ...
+
+    @property
+    def scheduler_config(self) -> Any:
+        """The pipeline's scheduler config (chains are built from it)."""
+        ...
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module of the pipeline (moved to the device together)."""
+        ...
+
+    def encode(self, prompts: Sequence[str], negative: bool) -> Any:
+        """Prompt conditioning for the denoiser; with `negative`, also the negative prompt's (for CFG)."""
+        ...
+
+    def predict(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
+        """Guided model output (B,C,H,W) at timesteps t (B,) in float32."""
+        ...
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]: ...
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents (B,C,h,w) -> decoder output (B,3,H,W) in [-1, 1] (unclamped), float32."""
+        ...
 
 
 @runtime_checkable
 class Policy(Protocol):
-    """A sampler whose transitions depend on trainable parameters."""
+    """A sampler whose transitions depend on trainable parameters (what every estimator uses)."""
 
-    num_steps: int
+    @property
+    def num_steps(self) -> int:
+        """Transitions of the policy's own chain."""
+        ...
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
     def sample(
-        self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = ()
+        self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
+        chain: Chain | None = None,
     ) -> Rollout:
-        """Sample B trajectories; transitions in `grad_steps` keep autograd history (params and input)."""
+        """Sample B trajectories on `chain` (default: the policy's); `grad_steps` keep autograd history."""
+        ...
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
         """Re-run transition i of `rollout` from latent x (B,C,H,W) with grad; noise None: the rollout's."""
+        ...
 
-    def step_log_prob(self, rollout: Rollout, i: int, reduce: str = "mean") -> Tensor:
-        """log p_theta(latents[i+1] | latents[i]) (B,), grad to theta only; reduce: mean | sum over dims."""
+    def step_log_prob(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> Tensor:
+        """log p_theta(x_{i+1} | x_i) (B,) at each sample's step i (an int, or (B,) indices), grad to theta
+        only, in one denoiser call; reduce: mean | sum over latent dims."""
+        ...
 
     def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
         """One-step prediction of x_0 (B,C,H,W) from the input x of transition i, with grad."""
+        ...
 
     def decode(self, latents: Tensor) -> Tensor:
         """latents (B,C,h,w) -> images (B,3,H,W) in [0,1]."""
+        ...
+
+
+class TrainablePolicy(Policy, Protocol):
+    """What the trainer and the evaluator use beyond an estimator's needs."""
+
+    @property
+    def trajectories_sampled(self) -> int:
+        """Every trajectory sample() drew so far (sample budgets count these)."""
+        ...
+
+    def to(self, device: torch.device | str) -> TrainablePolicy: ...
 
     def save_adapter(self, directory: str) -> None: ...
 
     def load_adapter(self, directory: str) -> None: ...
 
 
+class AdapterPolicy(Policy, Protocol):
+    """A policy that can hold frozen extra LoRAs (ShortFT's shortcut) beside its trainable one."""
+
+    @property
+    def chain(self) -> Chain: ...
+
+    @property
+    def scheduler_config(self) -> Any: ...
+
+    def add_frozen_adapter(self, name: str, state: dict, alphas: dict | None, metadata: dict | None,
+                           scale: float) -> None: ...
+
+
+# ---- rewards and metrics --------------------------------------------------------------------------
 @runtime_checkable
 class Reward(Protocol):
     """images (B,3,H,W) in [0,1], prompts (B) -> (B,), higher is better."""
 
-    differentiable: bool
+    @property
+    def differentiable(self) -> bool:
+        """A class attribute: the validation pass reads it before anything loads."""
+        ...
 
-    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Weights follow the images' device (no `to`: a reward moves itself on its first call there)."""
+        ...
+
+
+class Metric(Protocol):
+    """A held-out metric: images, prompts -> (B,) or {name: (B,)}."""
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor | dict[str, Tensor]: ...
+
+
+# ---- estimators -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunFacts:
+    """What an estimator's cross-group check may read, known before any weight loads."""
+
+    num_steps: int  # transitions of the model's chain
+    eta: float  # the chain's stochasticity (0: deterministic)
+    reward_differentiable: bool
+    lora: bool  # the model trains a LoRA (not all weights)
+    batch_size: int  # trainer.batch_size
+    grad_accum: int  # trainer.grad_accum
 
 
 @dataclass
 class EstimatorOutput:
-    """loss: scalar whose autograd gradient is the estimator's gradient estimate (of -J)."""
+    """What one estimate reports; its gradient is already in the trainable weights' .grad."""
 
-    loss: Tensor
+    loss: float  # sum of the loss terms handed to backward
     rewards: Tensor  # (B,) raw rewards of the samples behind this estimate, detached
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@runtime_checkable
 class Estimator(Protocol):
-    def __call__(
-        self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator
-    ) -> EstimatorOutput: ...
+    """Fresh samples every call; hands each loss term to `backward` (the trainer's), frees its graph."""
+
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        """The validation pass's rules across groups for these options (a UserError), before anything loads."""
+        ...
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+                 backward: Backward) -> EstimatorOutput: ...
 
 
 @runtime_checkable
-class StatefulEstimator(Estimator, Protocol):
-    """An estimator with state that a checkpoint must carry (e.g. DDPO's per-prompt statistics)."""
+class BufferedEstimator(Protocol):
+    """Samples a batch once, then trains on it over several optimizer steps (DDPO, rlr_official).
+
+    The trainer drives the phases: `collect` (sampling, no gradients) returns the list of updates the
+    batch is trained with; each optimizer step runs one `update`. A checkpoint is taken only between
+    batches, so a resumed run never needs a half-used buffer.
+    """
+
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        """As Estimator.check."""
+        ...
+
+    def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str],
+                generator: torch.Generator) -> list[Any]: ...
+
+    def update(self, policy: Policy, reward: Reward, update: Any, backward: Backward) -> EstimatorOutput: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An estimator with state a checkpoint must carry (e.g. DDPO's per-prompt statistics)."""
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
 
-@runtime_checkable
+# ---- the rest of a run ----------------------------------------------------------------------------
+class Prompts(Protocol):
+    def sample(self, n: int, generator: torch.Generator) -> list[str]:
+        """n training prompts drawn with the run's generator."""
+        ...
+
+    def eval_prompts(self, n: int) -> list[str]:
+        """The first n held-out prompts (fixed)."""
+        ...
+
+
+class OptimizerFactory(Protocol):
+    def build(self, params: list[torch.nn.Parameter], max_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """-> (optimizer, LR scheduler stepped once per optimizer step)."""
+        ...
+
+
 class Logger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_images(self, images: Tensor, captions: Sequence[str], step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+class LoggerFactory(Protocol):
+    def open(self, run_dir: Path, config: dict) -> Logger: ...

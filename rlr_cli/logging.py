@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from torch import Tensor
 
@@ -42,7 +42,7 @@ class TensorboardLogger:
 
 
 class WandbLogger:
-    def __init__(self, run_dir: Path, project: str, mode: str, config: dict):
+    def __init__(self, run_dir: Path, project: str, mode: Any, config: dict):
         import wandb
 
         self.wandb = wandb
@@ -81,13 +81,8 @@ class Loggers:
 class LoggerSpec:
     """Which backends to open once the run folder is known (the `logger` config group)."""
 
-    def __init__(
-        self,
-        tensorboard: bool = True,
-        wandb: bool = False,
-        wandb_project: str = "rlr-train",
-        wandb_mode: Literal["offline", "online", "disabled"] = "offline",
-    ):
+    def __init__(self, *, tensorboard: bool, wandb: bool, wandb_project: str,
+                 wandb_mode: Literal["offline", "online", "disabled"]):
         self.tensorboard, self.wandb = tensorboard, wandb
         self.wandb_project, self.wandb_mode = wandb_project, wandb_mode
 

@@ -1,22 +1,26 @@
 """The `optimizer` group: AdamW plus a learning-rate schedule (diffusers' get_scheduler)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 
 class AdamWSpec:
+    """The `optimizer` group (values: configs/optimizer/adamw.yaml)."""
+
     def __init__(
         self,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 1e-4,
-        eps: float = 1e-8,
-        schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant",
-        warmup_steps: int = 0,
+        *,
+        lr: Annotated[float, Field(gt=0)],
+        betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
+        weight_decay: Annotated[float, Field(ge=0)],
+        eps: Annotated[float, Field(gt=0)],
+        schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"],
+        warmup_steps: Annotated[int, Field(ge=0)],
     ):
-        self.lr, self.betas, self.weight_decay, self.eps = lr, tuple(betas), weight_decay, eps
+        self.lr, self.betas, self.weight_decay, self.eps = lr, (betas[0], betas[1]), weight_decay, eps
         self.schedule, self.warmup_steps = schedule, warmup_steps
 
     def build(self, params, max_steps: int):

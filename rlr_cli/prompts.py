@@ -19,15 +19,12 @@ def read_prompts(path: str) -> list[str]:
 
 
 class PromptSource:
-    """Draws training prompts uniformly (with replacement) from the run's generator; fixed eval prompts."""
+    """Draws training prompts uniformly (with replacement) from the run's generator; fixed eval prompts.
 
-    def __init__(
-        self,
-        train: list[str] | None = None,
-        train_file: str | None = None,
-        eval: list[str] | None = None,
-        eval_file: str | None = None,
-    ):
+    Each list comes inline (train / eval) or from a file (train_file / eval_file); eval defaults to train.
+    """
+
+    def __init__(self, *, train: list[str] | None, train_file: str | None, eval: list[str] | None, eval_file: str | None):
         self.train = list(train) if train else read_prompts(train_file) if train_file else []
         if not self.train:
             raise UserError("no training prompts: set prompts.train=[...] or prompts.train_file=PATH")

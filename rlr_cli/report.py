@@ -1,13 +1,9 @@
 """The end-of-run report: before/after grid, reward curve and a printed summary of held-out metrics."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def _evals(run_dir: Path) -> list[dict]:
-    files = sorted((run_dir / "eval").glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    return [json.loads(f.read_text()) for f in files]
+from rlr_cli.run_folder import RunFolder
 
 
 def plot_reward_curve(run_dir: Path, evals: list[dict]) -> Path:
@@ -17,8 +13,7 @@ def plot_reward_curve(run_dir: Path, evals: list[dict]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [(line["step"], line["reward_mean"]) for line in lines if "loss" in line]
+    train = [(line["step"], line["reward_mean"]) for line in RunFolder(run_dir).train_steps]
     figure, axis = plt.subplots(figsize=(6, 3.5))
     if train:
         axis.plot(*zip(*train), alpha=0.6, label="training batch")
@@ -60,7 +55,7 @@ def paired_improvement(before: list[float], after: list[float]) -> str:
 
 def write_report(run_dir: Path) -> str:
     """Write the plots; return the summary: each held-out metric at the first and last evaluation."""
-    evals = _evals(run_dir)
+    evals = RunFolder(run_dir).evals
     if len(evals) < 2:
         return "rlr-train: fewer than two evaluations, no before/after summary"
     first, last = evals[0], evals[-1]

@@ -1,7 +1,10 @@
-"""The DDIM step with its Gaussian log-probability, as in DDPO (kvablack/ddpo-pytorch).
+"""The DDIM chain with its Gaussian transitions (as in DDPO, kvablack/ddpo-pytorch), and the log-density.
 
 x_prev = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps + std * z, with
 std = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).
+
+Per-step coefficients are computed once in float64 and gathered per sample, so a batch whose samples
+sit at different transitions runs in one call, with the same numbers as one step at a time.
 """
 from __future__ import annotations
 
@@ -11,45 +14,71 @@ import torch
 from torch import Tensor
 
 
+def column(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) float64 per-sample values -> (B, 1, ..., 1) in like's dtype and device, to broadcast over like."""
+    return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def per_sample(table: Tensor, steps: Tensor, like: Tensor) -> Tensor:
+    """table (T,) float64 of per-step coefficients, steps (B,) -> (B, 1, ..., 1) like `column`."""
+    return column(table[steps], like)
+
+
+def as_steps(steps: int | Tensor, batch: int) -> Tensor:
+    """A transition index for every sample: an int (all the same) or (B,) indices -> (B,) int64 on the CPU."""
+    if isinstance(steps, int):
+        return torch.full((batch,), steps, dtype=torch.long)
+    return steps.long().cpu()
+
+
 class DDIMChain:
-    """Alphas of a DDIM schedule with T inference steps; step i goes from timesteps[i] to the next one."""
+    """A DDIM schedule of T inference steps; transition i goes from timesteps[i] to the next timestep."""
+
+    guidance_scale: float | None = None  # the policy's own
 
     def __init__(self, scheduler, num_steps: int, eta: float):
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.clone().cpu()  # (T,) descending
-        self.alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
+        self.num_steps, self.eta = num_steps, eta
+        self.alphas_cumprod = alphas = scheduler.alphas_cumprod.double().cpu()  # (1000,) of the training schedule
         self.final_alpha = float(scheduler.final_alpha_cumprod)
-        self.step_ratio = scheduler.config.num_train_timesteps // num_steps
-        self.eta = eta
-        self.num_steps = num_steps
+        step_ratio = scheduler.config.num_train_timesteps // num_steps
+        a_t, a_prev, std = [], [], []
+        for t in self.timesteps.tolist():
+            a = float(alphas[t])
+            prev = float(alphas[t - step_ratio]) if t - step_ratio >= 0 else self.final_alpha
+            variance = (1 - prev) / (1 - a) * (1 - a / prev)
+            a_t.append(a)
+            a_prev.append(prev)
+            std.append(eta * math.sqrt(max(variance, 0.0)))
+        table = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+        self._std = table(std)
+        self._sqrt_a = table([math.sqrt(a) for a in a_t])
+        self._sqrt_one_minus_a = table([math.sqrt(1 - a) for a in a_t])
+        self._sqrt_a_prev = table([math.sqrt(a) for a in a_prev])
+        self._eps_coef = table([math.sqrt(max(1 - p - s**2, 0.0)) for p, s in zip(a_prev, std)])
 
-    def alphas(self, i: int) -> tuple[float, float]:
-        t = int(self.timesteps[i])
-        prev_t = t - self.step_ratio
-        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha
-        return float(self.alphas_cumprod[t]), a_prev
+    def adapters(self, i: int) -> tuple[str, ...]:
+        return ()
 
-    def std(self, i: int) -> float:
-        a_t, a_prev = self.alphas(i)
-        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        return self.eta * math.sqrt(max(variance, 0.0))
+    def std(self, steps: Tensor) -> Tensor:
+        return self._std[steps]
 
-    def mean(self, i: int, x: Tensor, eps: Tensor) -> Tensor:
-        """Mean of x_prev given x (B,C,H,W) at step i and the noise prediction eps (B,C,H,W)."""
-        a_t, a_prev = self.alphas(i)
-        std = self.std(i)
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        return math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
+    def predict_x0(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        return (x - per_sample(self._sqrt_one_minus_a, steps, x) * out) / per_sample(self._sqrt_a, steps, x)
 
-    def predict_x0(self, i: int, x: Tensor, eps: Tensor) -> Tensor:
-        a_t, _ = self.alphas(i)
-        return (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        """Mean of x_prev given x (B,C,H,W) at each sample's step and the noise prediction (B,C,H,W)."""
+        x0 = self.predict_x0(steps, x, out)
+        return per_sample(self._sqrt_a_prev, steps, x) * x0 + per_sample(self._eps_coef, steps, x) * out
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: float, reduce: str = "mean") -> Tensor:
-    """log N(x; mean, std^2 I) per sample, (B,...) -> (B,), averaged (DDPO) or summed over dims."""
-    if std <= 0:
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
+    """log N(x; mean, std^2 I) per sample, x (B,...) treated as data, std (B,) float64 -> (B,),
+    averaged over dims (DDPO's convention) or summed (the true log-density)."""
+    if bool((std <= 0).any()):
         raise ValueError("log-probability of a deterministic step (std = 0) is undefined")
-    log_prob = -((x.detach() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    two_var, log_std = column(2 * std**2, mean), column(torch.log(std), mean)
+    log_prob = -((x.detach() - mean) ** 2) / two_var - log_std - 0.5 * math.log(2 * math.pi)
     log_prob = log_prob.flatten(1)
     return log_prob.mean(dim=1) if reduce == "mean" else log_prob.sum(dim=1)

@@ -1,7 +1,7 @@
 """ShortFT's shortcut: a short chain of a few-step (trajectory-preserving) LoRA, and loading its weights.
 
-A `ShortcutChain` has the interface of `sampling.DDIMChain` that `DiffusionPolicy` samples with
-(`timesteps`, `num_steps`, `mean`, `std`, `predict_x0`), so the policy's own `sample` runs it unchanged.
+A `ShortcutChain` is a chain (interfaces.Chain) like `sampling.DDIMChain`: the policy samples it
+unchanged, with the frozen shortcut adapter active on its shortcut steps (`adapters`).
 Transition i < k goes from timesteps[i] to the next shortcut timestep by one of three rules:
 
 - ddim: x_next = sqrt(a_n) x0_hat + sqrt(1 - a_n) eps (DDIM, eta 0: deterministic, follows the ODE);
@@ -9,21 +9,21 @@ Transition i < k goes from timesteps[i] to the next shortcut timestep by one of 
 - lcm:  LCMScheduler.step: boundary-conditioned x0, then fresh noise to t_next (last step: x0 itself).
 
 Optionally the last `long_steps` transitions are the base model's own long-chain DDIM steps (with the
-policy's eta), run without the shortcut adapter: `adapters_at(i)` says which chain part step i is in.
+policy's eta), run without the shortcut adapter.
 The stochastic parts draw their noise from the rollout, like every other transition of the policy.
 """
 from __future__ import annotations
 
+import copy
 import math
-import os
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from rlr_cli.errors import UserError
-from rlr_cli.sampling import DDIMChain
+from rlr_cli.sampling import DDIMChain, as_steps
 
 Rule = Literal["ddim", "tcd", "lcm"]
 SHORTCUT_ADAPTER = "shortcut"  # the frozen adapter's name inside the UNet (never saved with the run's adapter)
@@ -33,6 +33,7 @@ def scheduler_timesteps(base_scheduler_config, rule: Rule, k: int) -> list[int]:
     """The k timesteps the shortcut's own diffusers scheduler picks (TCD / LCM; DDIM with trailing spacing)."""
     from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
+    scheduler: Any  # from_config is annotated as maybe returning a tuple
     if rule == "ddim":
         scheduler = DDIMScheduler.from_config(base_scheduler_config, timestep_spacing="trailing")
     else:
@@ -61,7 +62,8 @@ class ShortcutChain:
         timesteps: str | Sequence[int] = "even",
         gamma: float = 0.0,
         long_steps: int = 0,
-        scheduler_config=None,
+        scheduler_config: Any = None,
+        guidance_scale: float | None = None,
     ):
         if not 1 <= k:
             raise UserError(f"estimator.k={k}: the shortcut chain needs at least one step")
@@ -70,6 +72,8 @@ class ShortcutChain:
         if not 0.0 <= gamma <= 1.0:
             raise UserError(f"estimator.gamma={gamma}: TCD's gamma must be in [0, 1]")
         self.long, self.rule, self.gamma, self.k, self.long_steps = long_chain, rule, gamma, k, long_steps
+        self.guidance_scale = guidance_scale  # CFG inside the chain; None: the policy's
+        self.adapter: str | None = SHORTCUT_ADAPTER  # active on the shortcut steps
         first_long = long_chain.num_steps - long_steps  # grid index where the long tail starts
         end = int(long_chain.timesteps[first_long]) if long_steps else -1  # -1: x_0
         if timesteps == "even":
@@ -91,7 +95,7 @@ class ShortcutChain:
         tail = [int(t) for t in long_chain.timesteps[first_long:]]
         self.timesteps = torch.tensor(short + tail, dtype=long_chain.timesteps.dtype)
         self.num_steps = k + long_steps
-        self._lcm = None
+        self._lcm: Any = None  # LCM's boundary-condition scalings, when rule is lcm
         if rule == "lcm":
             from diffusers import LCMScheduler
 
@@ -107,10 +111,29 @@ class ShortcutChain:
     def _alpha(self, t: int) -> float:
         return float(self.long.alphas_cumprod[t]) if t >= 0 else self.long.final_alpha
 
-    # ---- the DDIMChain interface ----------------------------------------------------------------
-    def std(self, i: int) -> float:
+    # ---- the Chain interface ---------------------------------------------------------------------
+    # A shortcut rollout runs every sample at the same transition; the per-step rules below take that one.
+    def adapters(self, i: int) -> tuple[str, ...]:
+        return (self.adapter,) if self.adapter and self.is_shortcut(i) else ()
+
+    def without_adapter(self) -> ShortcutChain:
+        """The same chain run by the base model alone (what the shortcut adds, measured)."""
+        chain = copy.copy(self)
+        chain.adapter = None
+        return chain
+
+    def std(self, steps: Tensor) -> Tensor:
+        return torch.tensor([self._std(i) for i in steps.tolist()], dtype=torch.float64)
+
+    def predict_x0(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        return self._predict_x0(_single(steps), x, out)
+
+    def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        return self._mean(_single(steps), x, out)
+
+    def _std(self, i: int) -> float:
         if not self.is_shortcut(i):
-            return self.long.std(self._long_index(i))
+            return float(self.long.std(as_steps(self._long_index(i), 1))[0])
         end = self.ends[i]
         if self.rule == "ddim" or end < 0 or (self.rule == "tcd" and self.gamma == 0):
             return 0.0
@@ -122,10 +145,10 @@ class ShortcutChain:
         """TCD's intermediate timestep s = floor((1 - gamma) * t_next); the last step denoises to t = 0."""
         return math.floor((1 - self.gamma) * max(self.ends[i], 0))
 
-    def predict_x0(self, i: int, x: Tensor, eps: Tensor) -> Tensor:
+    def _predict_x0(self, i: int, x: Tensor, eps: Tensor) -> Tensor:
         """x_0 prediction (B,C,H,W) at step i; LCM adds its boundary condition c_skip x + c_out x0_hat."""
         if not self.is_shortcut(i):
-            return self.long.predict_x0(self._long_index(i), x, eps)
+            return self.long.predict_x0(as_steps(self._long_index(i), x.shape[0]), x, eps)
         t = self.short[i]
         a_t = self._alpha(t)
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
@@ -134,11 +157,11 @@ class ShortcutChain:
             x0 = float(c_out) * x0 + float(c_skip) * x
         return x0
 
-    def mean(self, i: int, x: Tensor, eps: Tensor) -> Tensor:
+    def _mean(self, i: int, x: Tensor, eps: Tensor) -> Tensor:
         """Mean of x_next given x (B,C,H,W) at step i and the noise prediction eps (B,C,H,W)."""
         if not self.is_shortcut(i):
-            return self.long.mean(self._long_index(i), x, eps)
-        x0, end = self.predict_x0(i, x, eps), self.ends[i]
+            return self.long.mean(as_steps(self._long_index(i), x.shape[0]), x, eps)
+        x0, end = self._predict_x0(i, x, eps), self.ends[i]
         if self.rule == "lcm":
             return x0 if end < 0 else math.sqrt(self._alpha(end)) * x0
         if self.rule == "ddim":
@@ -170,7 +193,7 @@ def load_shortcut_state(
     if path is not None:
         local = Path(path).expanduser()
         if not local.is_absolute() and not local.exists():
-            local = Path(__file__).resolve().parent.parent / local  # relative to the project root
+            local = Path(__file__).resolve().parent.parent / local  # relative to the checkout or the installed packages
         if not local.exists():
             raise UserError(f"estimator.shortcut_path={path}: no such file or folder")
         if local.is_file():
@@ -181,7 +204,8 @@ def load_shortcut_state(
         source = hub_id
         kwargs |= {"cache_dir": cache_dir, "local_files_only": constants.is_offline_mode() or None}
     try:
-        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, **kwargs)
+        loaded: Any = StableDiffusionPipeline.lora_state_dict(str(source), **kwargs)
+        state, alphas, metadata = loaded
     except Exception as error:  # any failure to get the file means the same to the user: no shortcut
         if path is not None:
             raise UserError(f"estimator.shortcut_path={path}: cannot read a LoRA there ({_first_line(error)})") from None
@@ -198,23 +222,14 @@ def load_shortcut_state(
     return state, alphas, metadata
 
 
+def _single(steps: Tensor) -> int:
+    first = int(steps[0])
+    if bool((steps != first).any()):
+        raise ValueError("a shortcut chain runs one transition per call")
+    return first
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__)[:200]
 
-
-def save_lora(directory: str | os.PathLike, unet, adapter_name: str, rank: int, alpha: float, modules) -> None:
-    """Write adapter `adapter_name` of unet in diffusers LoRA format (pytorch_lora_weights.safetensors).
-
-    Keys stay in peft's lora_A / lora_B naming (what load_lora_weights reads natively): diffusers'
-    convert_state_dict_to_diffusers renames only the attention layers, and a file mixing both namings
-    loses one of them on loading when the LoRA also covers convolutions or projections.
-    """
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(modules)}
-    StableDiffusionPipeline.save_lora_weights(
-        str(directory), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
-    )

@@ -10,10 +10,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# The tiny model: SD 1.x's classes at toy widths (configs as dicts: diffusers' tuple annotations are too narrow).
+TINY_TEXT: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 projection_dim=32)
+TINY_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+TINY_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+    sample_size=64,
+)
 
 
 def build_tokenizer(directory: str):
@@ -29,37 +43,31 @@ def build_tokenizer(directory: str):
     return CLIPTokenizer(vocab_file, merges_file, model_max_length=77, pad_token="<|endoftext|>")
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """StableDiffusionPipeline with SD 1.5's component classes and scheduler, tiny widths, random weights."""
+def random_sd_pipeline(text: dict[str, Any], unet: dict[str, Any], vae: dict[str, Any], seed: int = 0) -> Any:
+    """A StableDiffusionPipeline of SD 1.x's classes and scheduler with random weights, from configs:
+    text (CLIPTextConfig fields), unet (UNet2DConditionModel's), vae (AutoencoderKL's)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_tokenizer(scratch)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
-        sample_size=64,
-    )
+    fields: dict[str, Any] = text | {"vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                     "pad_token_id": tokenizer.pad_token_id}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**fields))
     scheduler = DDIMScheduler(  # Stable Diffusion 1.x's schedule
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
     )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    components: dict[str, Any] = {"safety_checker": None, "feature_extractor": None, "scheduler": scheduler}
+    return StableDiffusionPipeline(vae=AutoencoderKL(**vae), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**unet), requires_safety_checker=False, **components)
+
+
+def build_tiny_pipeline(seed: int = 0) -> Any:
+    """StableDiffusionPipeline with SD 1.5's component classes and scheduler, tiny widths, random weights."""
+    return random_sd_pipeline(TINY_TEXT, TINY_UNET, TINY_VAE, seed)
 
 
 def ensure_tiny_pipeline(cache_dir: str, seed: int = 0) -> str:
@@ -83,7 +91,8 @@ def ensure_tiny_shortcut(cache_dir: str, seed: int = 0, rank: int = 8) -> str:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from rlr_cli.shortcut import save_lora
+    from rlr_cli import lora
+    from rlr_cli.models.sd import UNetLoraFormat
 
     folder = Path(cache_dir).expanduser() / f"tiny-shortcut-standin-seed{seed}"
     if (folder / "pytorch_lora_weights.safetensors").exists():
@@ -97,7 +106,7 @@ def ensure_tiny_shortcut(cache_dir: str, seed: int = 0, rank: int = 8) -> str:
         if "lora_B" in name:
             parameter.data.normal_(0.0, 0.05)
     scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-shortcut-"))
-    save_lora(scratch, unet, "standin", rank, rank, modules)
+    lora.write(scratch, unet, UNetLoraFormat(), lora.metadata(rank, rank, modules), adapter="standin")
     try:
         scratch.rename(folder)
     except OSError:  # another process won the race

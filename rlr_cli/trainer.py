@@ -1,54 +1,62 @@
 """The training loop on accelerate: sample, score, estimate, step, log, evaluate, checkpoint.
 
-The trainer never knows which estimator it runs: each call returns a loss whose gradient is the
-estimate; the trainer averages micro-batches, all-reduces, clips and steps.
+The trainer never knows which estimator it runs. It hands every estimator its backward
+(accelerator.backward: loss scaling under fp16, the accumulation average), then all-reduces, clips and
+steps. A buffered estimator (DDPO, rlr_official) is driven in its two phases: collect a batch, then
+one update per optimizer step; checkpoints fall between batches.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
+from pydantic import Field
+from torch import Tensor
 
-from rlr_cli.build import Run
-from rlr_cli.checkpoint import TrainState, find_latest, load_checkpoint, save_checkpoint
+from rlr_cli import evaluation
+from rlr_cli.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from rlr_cli.errors import UserError
-from rlr_cli.images import save_grid
+from rlr_cli.interfaces import Backward, BufferedEstimator, EstimatorOutput
 from rlr_cli.report import write_report
+from rlr_cli.run_folder import RunFolder, find_latest, write_json
+
+if TYPE_CHECKING:
+    from rlr_cli.build import Run
+
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerConfig:
-    """The `trainer` group. Counts are per process; a step is one optimizer update."""
+    """The `trainer` group (configs/trainer/default.yaml holds the values and what each means)."""
 
-    max_steps: int = 100
-    max_samples: int | None = None  # also stop once this many training trajectories were drawn (all ranks)
-    batch_size: int = 4  # prompts per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    checkpoint_every: int = 50  # steps; 0: only the final adapter
-    eval_every: int = 50  # steps; 0: no evaluation (step 0 and the last step are evaluated when > 0)
-    eval_prompts: int = 8  # held-out prompts per evaluation, each with a fixed seed
-    eval_batch_size: int = 8
-    eval_seed: int = 1234
-    resume_from: str | None = None  # latest | path to checkpoints/step_N
-    max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before the run stops
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    cpu: bool = False  # force the CPU even when a GPU is present
-    progress: bool = True  # progress bar on rank 0
-    # Several processes: the Hydra job starts `accelerate launch` with these (see rlr_cli/launch.py).
-    num_processes: int = 1  # processes per machine (GPUs; on a CPU-only machine, gloo ranks)
-    num_machines: int = 1
-    machine_rank: int = 0
-    main_process_ip: str | None = None  # address of machine 0 (multi-node)
-    main_process_port: int | None = None  # null: a free port
-    accelerate_config: str | None = None  # accelerate config file (DeepSpeed / FSDP), passed as --config_file
+    max_steps: Count
+    max_samples: Positive | None
+    batch_size: Positive
+    grad_accum: Positive
+    max_grad_norm: Annotated[float, Field(gt=0)] | None
+    checkpoint_every: Count
+    eval_every: Count
+    eval_prompts: Positive
+    eval_batch_size: Positive
+    eval_seed: int
+    resume_from: str | None
+    max_nonfinite: Positive
+    mixed_precision: Literal["no", "bf16", "fp16"]
+    cpu: bool
+    progress: bool
+    num_processes: Positive
+    num_machines: Positive
+    machine_rank: Count
+    main_process_ip: str | None
+    main_process_port: Annotated[int, Field(ge=1, le=65535)] | None
+    accelerate_config: str | None
 
 
 class Trainer:
@@ -60,12 +68,12 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.policy = run.policy.to(self.accelerator.device)
-        if hasattr(run.reward, "to"):
-            run.reward.to(self.accelerator.device)
         self.params = self.policy.trainable_parameters()
-        self.optimizer, self.scheduler = run.optimizer.build(self.params, self.cfg.max_steps)
+        optimizer, self.scheduler = run.optimizer.build(self.params, self.cfg.max_steps)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)  # steps through the fp16 loss scaler
         self.generator = torch.Generator().manual_seed(run.seed + 1_000_003 * self.rank)
         self.state = TrainState()
+        self.pending: list[Any] = []  # a buffered estimator's updates still to run on its collected batch
         self.run_dir = self._resume(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = run.logger.open(self.run_dir, run.config) if self.is_main else None
@@ -83,10 +91,10 @@ class Trainer:
         if not folder.is_dir():
             raise UserError(f"trainer.resume_from={choice}: no such checkpoint folder")
         self.state = load_checkpoint(folder, self.policy, self.optimizer, self.scheduler, self.generator,
-                                     self.run.estimator, self.rank)
+                                     self.run.estimator, self.accelerator.scaler, self.rank)
         resumed_dir = folder.parent.parent
         if self.is_main:
-            _truncate_metrics(resumed_dir / "metrics.jsonl", self.state.step)
+            RunFolder(resumed_dir).truncate_metrics(self.state.step)
         self._say(f"resumed from {folder} at step {self.state.step}; writing to {resumed_dir}")
         return resumed_dir
 
@@ -101,15 +109,13 @@ class Trainer:
             while self.state.step < cfg.max_steps and not self._sample_budget_spent():
                 metrics = self.train_step()
                 self.state.step += 1
-                if self.is_main:
-                    self.logger.log(metrics, self.state.step)
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", sec=f"{metrics['step_seconds']:.2f}")
+                self._log(metrics, self.state.step)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", sec=f"{metrics['step_seconds']:.2f}")
                 if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
                     self.stop_nonfinite()
                 checkpoint_due |= bool(cfg.checkpoint_every) and self.state.step % cfg.checkpoint_every == 0
-                # Estimators that train on a buffered batch over several calls checkpoint between batches.
-                if checkpoint_due and getattr(self.run.estimator, "at_cycle_boundary", True):
+                if checkpoint_due and not self.pending:  # between a buffered estimator's batches
                     self.checkpoint()
                     checkpoint_due = False
                 if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
@@ -130,56 +136,79 @@ class Trainer:
             print(write_report(self.run_dir), flush=True)
         return {"run_dir": str(self.run_dir), "step": self.state.step}
 
+    # ---- one optimizer step ----------------------------------------------------------------------
+    def _backward(self, parts: int) -> Backward:
+        """The backward every estimator gets: one of `parts` micro-batches of this optimizer step."""
+        def backward(term: Tensor) -> None:
+            self.accelerator.backward(term / parts)
+
+        return backward
+
+    def _estimate(self) -> list[EstimatorOutput]:
+        """This step's gradient into .grad: grad_accum fresh micro-batches, or a buffered estimator's next update."""
+        cfg, estimator, run = self.cfg, self.run.estimator, self.run
+        with self.accelerator.autocast():
+            if isinstance(estimator, BufferedEstimator):
+                if not self.pending:  # collect phase: sample and score a batch, no gradients
+                    prompts = run.prompts.sample(cfg.batch_size, self.generator)
+                    self.pending = estimator.collect(self.policy, run.reward, prompts, self.generator)
+                return [estimator.update(self.policy, run.reward, self.pending.pop(0), self._backward(1))]
+            outputs = []
+            for _ in range(cfg.grad_accum):
+                prompts = run.prompts.sample(cfg.batch_size, self.generator)
+                outputs.append(estimator(self.policy, run.reward, prompts, self.generator, self._backward(cfg.grad_accum)))
+            return outputs
+
     def train_step(self) -> dict[str, float]:
-        """One optimizer update over grad_accum micro-batches; non-finite updates are skipped."""
-        cfg, start = self.cfg, time.perf_counter()
-        drawn_before = getattr(self.policy, "trajectories_sampled", 0)
+        """One optimizer update; non-finite updates are skipped (fp16 overflows: by the loss scaler)."""
+        start = time.perf_counter()
+        drawn_before = self.policy.trajectories_sampled
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, rewards, extra = 0.0, [], {}
-        for _ in range(cfg.grad_accum):
-            prompts = self.run.prompts.sample(cfg.batch_size, self.generator)
-            with self.accelerator.autocast():
-                out = self.run.estimator(self.policy, self.run.reward, prompts, self.generator)
-            self.accelerator.backward(out.loss / cfg.grad_accum)
-            loss_sum += out.loss.detach().item() / cfg.grad_accum
-            rewards.append(out.rewards.detach().float())
-            extra.update(out.metrics)
+        outputs = self._estimate()
+        loss = sum(out.loss for out in outputs) / len(outputs)
+        extra = {key: value for out in outputs for key, value in out.metrics.items()}
         self._all_reduce_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
-        rewards = self.accelerator.gather(torch.cat(rewards).to(self.accelerator.device))
-        finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.state.nonfinite_in_a_row = 0
-        else:
-            self._skip_nonfinite(loss_sum, float(grad_norm))
-        drawn = torch.tensor(float(getattr(self.policy, "trajectories_sampled", 0) - drawn_before))
-        self.state.samples += int(self.accelerator.reduce(drawn.to(self.accelerator.device), "sum").item())
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf) or 0.0)
+        batch_rewards = torch.cat([out.rewards.float() for out in outputs]).to(self.accelerator.device)
+        rewards: Tensor = self.accelerator.gather(batch_rewards)  # type: ignore[assignment]  (a tensor in, a tensor out)
+        self._optimizer_step(loss, grad_norm)
+        drawn = torch.tensor(float(self.policy.trajectories_sampled - drawn_before), device=self.accelerator.device)
+        self.state.samples += int(self.accelerator.reduce(drawn, "sum").item())  # type: ignore[union-attr]
         return {
             **extra,
-            "loss": loss_sum,
+            "loss": loss,
             "samples_total": float(self.state.samples),
             "peak_mem_mb": peak_memory_mb(),
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "nonfinite_total": float(self.state.nonfinite_total),
             "step_seconds": time.perf_counter() - start,
         }
 
+    def _optimizer_step(self, loss: float, grad_norm: float) -> None:
+        scaled = self.accelerator.scaler is not None  # fp16: the scaler skips overflowing steps itself
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite or scaled:
+            self.optimizer.step()
+        if finite and not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+            self.state.nonfinite_in_a_row = 0
+        elif scaled and math.isfinite(loss):
+            self._say(f"step {self.state.step + 1}: fp16 gradient overflow, step skipped and the loss scale lowered")
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_in_a_row += 1
+            self.state.nonfinite_total += 1
+            self._say(f"step {self.state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, update skipped")
+
     def _sample_budget_spent(self) -> bool:
         return self.cfg.max_samples is not None and self.state.samples >= self.cfg.max_samples
 
-    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_in_a_row += 1
-        self.state.nonfinite_total += 1
-        self._say(f"step {self.state.step + 1}: non-finite loss {loss} / grad norm {grad_norm}, update skipped")
-
     def stop_nonfinite(self) -> None:
         """Keep the last good weights in a checkpoint, then stop with one clear message."""
+        self.pending = []  # the buffered batch is dropped: resume samples a new one
         folder = self.checkpoint()
         raise UserError(
             f"{self.state.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite="
@@ -194,7 +223,7 @@ class Trainer:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
+        grads = [p.grad for p in self.params if p.grad is not None]
         flat = torch.cat([g.flatten() for g in grads])
         torch.distributed.all_reduce(flat)
         flat /= self.world
@@ -204,42 +233,28 @@ class Trainer:
             offset += g.numel()
 
     # ---- evaluation, checkpoints, final adapter -----------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
         """Held-out prompts with fixed seeds (the same every time): grid PNG and JSON, rank 0 only."""
         if not self.is_main:
             return None
-        cfg, step = self.cfg, self.state.step
-        prompts = self.run.prompts.eval_prompts(cfg.eval_prompts)
-        generator = torch.Generator().manual_seed(cfg.eval_seed)
-        images, rewards, extra = [], [], {}
-        for start in range(0, len(prompts), cfg.eval_batch_size):
-            chunk = prompts[start : start + cfg.eval_batch_size]
-            rollout = self.policy.sample(chunk, generator=generator)
-            batch = self.policy.decode(rollout.final)
-            rewards.append(self.run.reward(batch, chunk).float().cpu())
-            for name, metric in self.run.metrics.items():
-                for key, values in _per_sample(name, metric(batch, chunk)).items():
-                    extra.setdefault(key, []).append(values)
-            images.append(batch.float().cpu())
-        images, rewards = torch.cat(images), torch.cat(rewards)
-        result = {
-            "step": step, **_stats("reward", rewards), "prompts": prompts, "rewards": rewards.tolist(),
-            "metrics": {key: _stats("", torch.cat(values)) for key, values in extra.items()},
-        }
-        _write_json(self.run_dir / "eval" / f"step_{step}.json", result)
-        captions = [f"{p}\nr={r:.3g}" for p, r in zip(prompts, rewards.tolist())]
-        save_grid(images, captions, self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
-        logged = {"eval_reward_mean": result["reward_mean"], "eval_reward_se": result["reward_se"]}
-        logged |= {f"eval_{key}": value["mean"] for key, value in result["metrics"].items()}
-        self.logger.log(logged, step)
-        self.logger.log_images(images, captions, step)
-        return result
+        cfg, step, run = self.cfg, self.state.step, self.run
+        prompts = run.prompts.eval_prompts(cfg.eval_prompts)
+        result = evaluation.evaluate(self.policy, run.reward, run.metrics, prompts, cfg.eval_seed,
+                                     cfg.eval_batch_size, progress=cfg.progress)
+        record = evaluation.record(result, run.config.get("reward_name", "reward"), step)
+        captions = evaluation.write(result, record, self.run_dir / "eval" / f"step_{step}.json",
+                                    self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
+        logged = {"eval_reward_mean": record["reward_mean"], "eval_reward_se": record["reward_se"]}
+        logged |= {f"eval_{key}": value["mean"] for key, value in record["metrics"].items()}
+        self._log(logged, step)
+        if self.logger is not None:
+            self.logger.log_images(result.images, captions, step)
+        return record
 
     def checkpoint(self) -> Path:
         barrier = self.accelerator.wait_for_everyone
         return save_checkpoint(self.run_dir, self.state, self.policy, self.optimizer, self.scheduler,
-                               self.generator, self.run.estimator, self.rank, barrier)
+                               self.generator, self.run.estimator, self.accelerator.scaler, self.rank, barrier)
 
     def save_final_adapter(self) -> None:
         """adapter/ in the run folder, written through a temporary folder so it is whole or absent."""
@@ -260,7 +275,7 @@ class Trainer:
         gathered = self.accelerator.gather(flat[None])
         spread = (gathered - gathered[0]).abs().max().item()
         if self.is_main:
-            _write_json(self.run_dir / "ranks.json", {"num_processes": self.world, "max_weight_difference": spread})
+            write_json(self.run_dir / "ranks.json", {"num_processes": self.world, "max_weight_difference": spread})
         if spread > 0:
             raise RuntimeError(f"trainable weights differ across ranks by up to {spread}")
 
@@ -270,6 +285,10 @@ class Trainer:
 
         disable = not (self.is_main and self.cfg.progress)
         return tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", unit="step", disable=disable)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger is not None:
+            self.logger.log(metrics, step)
 
     def _say(self, message: str) -> None:
         if self.is_main:
@@ -284,31 +303,3 @@ def peak_memory_mb() -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
-
-def _per_sample(name: str, output) -> dict[str, torch.Tensor]:
-    """A metric's output, (B,) or {key: (B,)}, as {metric key: (B,) float on the CPU}."""
-    if isinstance(output, dict):
-        return {f"{name}_{key}": value.float().cpu() for key, value in output.items()}
-    return {name: output.float().cpu()}
-
-
-def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    """mean, std and standard error of (N,) values; keys prefixed as reward_mean or mean."""
-    key = f"{prefix}_" if prefix else ""
-    std = values.std().item() if len(values) > 1 else 0.0
-    return {f"{key}mean": values.mean().item(), f"{key}std": std, f"{key}se": std / math.sqrt(len(values))}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(".tmp")
-    scratch.write_text(json.dumps(payload, indent=1))
-    os.replace(scratch, path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines a killed run wrote after the checkpoint it is resumed from."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))

@@ -1,4 +1,7 @@
-"""One rank of a multi-process run: `python -m rlr_cli.worker RUN_DIR/config.yaml RUN_DIR` (via accelerate)."""
+"""One rank of a multi-process run: `python -m rlr_cli.worker RUN_DIR/config.yaml RUN_DIR` (via accelerate).
+
+Each rank builds from the resolved config the Hydra job wrote (validated there) and never composes.
+"""
 from __future__ import annotations
 
 import sys
@@ -9,14 +12,12 @@ def main(config_file: str, run_dir: str) -> None:
     from omegaconf import OmegaConf
 
     from rlr_cli.build import build
-    from rlr_cli.cli import fail
-    from rlr_cli.errors import UserError
+    from rlr_cli.commands import guarded
+    from rlr_cli.config import to_plain
     from rlr_cli.trainer import Trainer
 
-    try:
-        Trainer(build(OmegaConf.load(config_file)), Path(run_dir)).train()
-    except UserError as error:
-        fail(str(error))
+    config = OmegaConf.load(config_file)
+    guarded("rlr-train", lambda: Trainer(build(to_plain(config)), Path(run_dir)).train())  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@
     python scripts/bench_estimators.py --out bench.md
 
 Every estimator is built from its configs/estimator/*.yaml defaults (the published ones, but rlr's
-fo_steps is 3) as `rlr-train estimator=NAME` composes it, and the reward is saturation (differentiable,
+fo_steps is 3) as `rlr-train model=tiny estimator=NAME` composes it, and the reward is saturation (differentiable,
 no weights). An estimator that cannot run on the benched model (a ShortFT shortcut of another model, or
 one whose hub weights are not here) is listed under the table with its one-line reason. One training
-step = one estimator call + backward + AdamW step (rlr_official alternates FO and HO calls: its step time
-is the mean of one FO and one HO call). Times are the fastest of --steps repeats, the sampling pass's
-the fastest of its runs beside every estimator (machines here are shared). Peak memory:
+step = one estimator call + backward + AdamW step (a buffered estimator's batch is collected, then trained
+with its updates: rlr_official's step time is half of sampling + its FO and HO steps). Times are the fastest
+of --steps repeats, the sampling pass's the fastest of its runs beside every estimator (machines here are shared). Peak memory:
 torch.cuda.max_memory_allocated on CUDA (ratio to the sampling pass's); on CPU the peak bytes saved for
 backward (autograd saved-tensor hooks; a no-grad sampling pass saves none, so no ratio), with the model's
 gradient checkpointing as chosen by --checkpointing.
@@ -21,9 +21,9 @@ import argparse
 import glob
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,63 +31,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rewards.simple import Saturation  # noqa: E402
-from rlr_cli.build import instantiate_node, to_plain  # noqa: E402
-from rlr_cli.cli import compose  # noqa: E402
+from rlr_cli.build import component  # noqa: E402
 from rlr_cli.errors import UserError  # noqa: E402
-from rlr_cli.estimators.checks import SavedTensorMeter  # noqa: E402
+from rlr_cli.estimators.checks import SavedTensorMeter, estimate  # noqa: E402
+from rlr_cli.estimators.shortft import ShortFT  # noqa: E402
+from rlr_cli.interfaces import BufferedEstimator  # noqa: E402
 
-LORA = {"rank": 4, "alpha": 4, "init": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+SD15_TEXT: dict[str, Any] = dict(  # CLIP ViT-L/14 text tower
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    hidden_act="quick_gelu")
+SD15_UNET: dict[str, Any] = dict(  # SD 1.5's unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768, attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE: dict[str, Any] = dict(  # SD 1.5's vae/config.json
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
 
 
 def sd15_pipeline_folder(directory: str) -> str:
     """An SD-1.5-shaped pipeline (UNet, VAE, CLIP-L text encoder from SD 1.5's configs), random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from rlr_cli.tiny import build_tokenizer
+    from rlr_cli.tiny import random_sd_pipeline
 
     folder = Path(directory) / "sd15-random"
-    if (folder / "model_index.json").exists():
-        return str(folder)
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(tempfile.mkdtemp())
-    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(  # SD 1.5's unet/config.json
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(  # SD 1.5's vae/config.json
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder, safe_serialization=True)
+    if not (folder / "model_index.json").exists():
+        random_sd_pipeline(SD15_TEXT, SD15_UNET, SD15_VAE).save_pretrained(folder, safe_serialization=True)
     return str(folder)
 
 
 def make_policy(model: str, device: str, num_steps: int, checkpointing: bool):
-    from rlr_cli.policy import DiffusionPolicy
-    from rlr_cli.tiny import ensure_tiny_pipeline
-
+    """model=tiny (or model=sd15 at the SD-1.5-shaped random folder) as rlr-train builds it, CFG 5, eta 1."""
+    options = [f"model.num_steps={num_steps}", "model.eta=1.0", "model.guidance_scale=5.0",
+               f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+    if model == "tiny":
+        return component("model=tiny", *options).to(device)
     cache = os.environ.get("RLR_CACHE_DIR", os.path.expanduser("~/.cache/rlr-train"))
-    path = ensure_tiny_pipeline(cache) if model == "tiny" else sd15_pipeline_folder(cache)
-    policy = DiffusionPolicy(
-        path=path, num_steps=num_steps, eta=1.0, guidance_scale=5.0, lora=LORA,
-        dtype="fp32" if model == "tiny" else "bf16", gradient_checkpointing=checkpointing,
-    )
-    return policy.to(device)
+    return component("model=sd15", f"model.path={sd15_pipeline_folder(cache)}", "model.dtype=bf16", *options).to(device)
 
 
 class Meter:
@@ -112,9 +91,29 @@ class Meter:
         return time.perf_counter() - start, meter.peak / 2**20
 
 
-def load_estimator(name: str):
-    """The estimator as `rlr-train estimator=NAME` builds it (its defaults list and interpolations resolved)."""
-    return instantiate_node(to_plain(compose([f"estimator={name}"]))["estimator"])
+def load_estimator(name: str, model: str, num_steps: int, batch: int):
+    """The estimator as `rlr-train model=MODEL estimator=NAME` builds it, checked against the benched chain."""
+    extra = [f"estimator.train_batch_size={min(4, batch)}"] if name == "ddpo" else []
+    return component(f"estimator={name}", f"model={model}", f"model.num_steps={num_steps}", "reward=saturation",
+                     f"trainer.batch_size={batch}", *extra)
+
+
+def training_steps(estimator, policy, reward, prompts, generator, optimizer) -> int:
+    """One sampled batch's optimizer steps (a buffered estimator: collect, then each update); how many."""
+    def backward(term):
+        term.backward()
+
+    if not isinstance(estimator, BufferedEstimator):
+        optimizer.zero_grad(set_to_none=True)
+        estimate(estimator, policy, reward, prompts, generator)
+        optimizer.step()
+        return 1
+    updates = estimator.collect(policy, reward, prompts, generator)
+    for update in updates:
+        optimizer.zero_grad(set_to_none=True)
+        estimator.update(policy, reward, update, backward)
+        optimizer.step()
+    return len(updates)
 
 
 def bench(model: str, device: str, batch: int, num_steps: int, steps: int, checkpointing: bool, only: list[str]):
@@ -138,27 +137,26 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
         if only and name not in only:
             continue
         try:
-            estimator = load_estimator(name)
-            if hasattr(estimator, "attach"):  # ShortFT: its shortcut must fit this model's UNet
+            estimator = load_estimator(name, model, num_steps, batch)
+            if isinstance(estimator, ShortFT):  # its shortcut must fit this model's UNet
                 estimator.attach(policy)
         except UserError as error:
             skipped[name] = str(error)
             print(f"{name}: skipped: {error}", file=sys.stderr, flush=True)
             continue
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            estimator(policy, reward, prompts, generator).loss.backward()
-            optimizer.step()
+        steps_per_batch: list[int] = []
+
+        def step(estimator=estimator, steps_per_batch=steps_per_batch):
+            steps_per_batch.append(training_steps(estimator, policy, reward, prompts, generator, optimizer))
 
         base.append(meter.run(sample))  # the baseline is re-timed beside every estimator (shared machines)
         saved = [p.detach().clone() for p in params]
-        cycle = 2 if name == "rlr_official" else 1  # its FO and HO calls alternate
-        repeats = [[meter.run(step) for _ in range(cycle)] for _ in range(steps)]
-        for p, s in zip(params, saved):
-            p.data.copy_(s)
-        # the fastest repeat (the machine may be shared), a cycle's mean time and peak memory
-        rows[name] = (min(sum(r[0] for r in rep) / cycle for rep in repeats), max(r[1] for rep in repeats for r in rep))
+        repeats = [meter.run(step) for _ in range(steps)]
+        for p, saved_p in zip(params, saved):
+            p.data.copy_(saved_p)
+        # the fastest repeat (the machine may be shared) per optimizer step, and the peak memory
+        rows[name] = (min(r[0] for r in repeats) / steps_per_batch[0], max(r[1] for r in repeats))
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     base_seconds, base_mem = min(b[0] for b in base), max(b[1] for b in base)
     rows = {"sampling (no grad)": (base_seconds, base_mem)} | rows
@@ -181,7 +179,7 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--steps", type=int, default=2, help="repeats timed per estimator (the fastest is reported)")

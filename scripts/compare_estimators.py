@@ -23,6 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rlr_cli.run_folder import RunFolder  # noqa: E402
+
 ESTIMATORS = ["rlr", "rlr_official", "ddpo", "truncated_bp", "draft_lv", "refl", "full_bp", "shortft"]
 
 
@@ -57,10 +61,8 @@ def train(estimator: str, seed: int, samples: int, eval_every: int, run_dir: Pat
 
 
 def read_run(run_dir: Path) -> dict:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [line for line in lines if "loss" in line]
-    evals = sorted((run_dir / "eval").glob("step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    first, last = (json.loads(evals[i].read_text()) for i in (0, -1))
+    folder = RunFolder(run_dir)
+    steps, (first, last) = folder.train_steps, (folder.evals[0], folder.evals[-1])
     elapsed, curve = 0.0, []
     for line in steps:
         elapsed += line["step_seconds"]
@@ -124,8 +126,9 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for axis_index, (label, filename) in enumerate([("training trajectories", "reward_vs_samples.png"),
-                                                     ("wall-clock training seconds (evaluations excluded)", "reward_vs_seconds.png")]):
+    axes = [("training trajectories", "reward_vs_samples.png"),
+            ("wall-clock training seconds (evaluations excluded)", "reward_vs_seconds.png")]
+    for axis_index, (label, filename) in enumerate(axes):
         figure, axis = plt.subplots(figsize=(7, 4))
         for colour, (name, group) in enumerate(runs.items()):
             curves = [([point[axis_index] for point in run["curve"]], smooth([point[2] for point in run["curve"]]))

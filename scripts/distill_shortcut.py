@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rlr_cli import lora
+from rlr_cli.models.sd import UNetLoraFormat
 from rlr_cli.sampling import DDIMChain
-from rlr_cli.shortcut import even_indices, save_lora
+from rlr_cli.shortcut import even_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "rlr_cli" / "assets" / "toy"
@@ -111,7 +113,7 @@ def teacher_bank(unet, guided, chain, n, batch, generator, shape) -> tuple[torch
         path = [x]
         for i in range(chain.num_steps):
             t = chain.timesteps[i].repeat(b)
-            x = chain.mean(i, x, guided(unet, x, t, idx))
+            x = chain.mean(torch.full((b,), i), x, guided(unet, x, t, idx))
             path.append(x)
         states.append(torch.stack(path, 1))
         captions.append(idx)
@@ -154,7 +156,8 @@ def main() -> None:
     shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     weights = Path(args.pipeline) / "unet" / "diffusion_pytorch_model.safetensors"
     teacher_hash = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else None
-    log = {"settings": vars(args), "teacher_unet_sha256": teacher_hash, "shortcut_timesteps": [int(chain.timesteps[b]) for b in bounds[:-1]],
+    log = {"settings": vars(args), "teacher_unet_sha256": teacher_hash,
+           "shortcut_timesteps": [int(chain.timesteps[b]) for b in bounds[:-1]],
            "phase_bounds": bounds, "train_captions": len(train_caps), "heldout_captions": held_caps}
 
     # ---- 1. teacher trajectories (distillation captions) and a held-out check set ------------------------
@@ -162,7 +165,8 @@ def main() -> None:
     guided = Guided(pipe, train_caps, args.guidance)
     states, captions = teacher_bank(teacher, guided, chain, args.trajectories, 256, generator, shape)
     held_guided = Guided(pipe, held_caps, args.guidance)
-    held_states, held_idx = teacher_bank(teacher, held_guided, chain, 128, 128, torch.Generator().manual_seed(10_000 + args.seed), shape)
+    held_generator = torch.Generator().manual_seed(10_000 + args.seed)
+    held_states, held_idx = teacher_bank(teacher, held_guided, chain, 128, 128, held_generator, shape)
     log["teacher_seconds"] = time.time() - t0
 
     # ---- 2. the student: the same UNet plus a LoRA, trained phase by phase -------------------------------
@@ -212,7 +216,7 @@ def main() -> None:
     # ---- 3. save (diffusers LoRA format) -----------------------------------------------------------------
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_lora(out, student, "default", args.rank, args.alpha, TARGET_MODULES)
+    lora.write(out, student, UNetLoraFormat(), lora.metadata(args.rank, args.alpha, TARGET_MODULES))
     (out / "distill_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(f"held-out {args.k}-step latent MSE to the 50-step x_0: {log['k_step_mse_before']:.4f} without the "
           f"LoRA (student at init), {log['k_step_mse_after']:.4f} after {step} steps; "

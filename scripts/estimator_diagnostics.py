@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,11 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlr_cli.estimators.backprop import FullBackprop, TruncatedBackprop  # noqa: E402
+from rlr_cli.build import component  # noqa: E402
 from rlr_cli.estimators.checks import bias_statistics, draw_estimates, projected_bias  # noqa: E402
-from rlr_cli.estimators.ddpo import DDPO  # noqa: E402
 from rlr_cli.estimators.linear_gaussian import LinearGaussianPolicy, default_problem  # noqa: E402
-from rlr_cli.estimators.rlr import RLR  # noqa: E402
 
 MEMORY_NOTE = {
     True: "peak MB: torch.cuda.max_memory_allocated",
@@ -36,39 +33,36 @@ MEMORY_NOTE = {
 }
 
 
-def ddpo_on_policy(batch: int) -> DDPO:
+def ddpo_on_policy(batch: int):
     """DDPO with one inner epoch and no clipping, in the units of grad J: the on-policy likelihood ratio."""
-    return DDPO(
-        num_inner_epochs=1, train_batch_size=batch, grad_accum=1, clip_range=None,
-        advantages="leave_one_out", log_prob_reduce="sum", timestep_reduce="sum",
-    )
+    return component("estimator=ddpo", "estimator.num_inner_epochs=1", f"estimator.train_batch_size={batch}",
+                     "estimator.grad_accum=1", "estimator.clip_range=null", "estimator.advantages=leave_one_out",
+                     "estimator.log_prob_reduce=sum", "estimator.timestep_reduce=sum", f"trainer.batch_size={batch}")
+
+
+def rlr(h: int, fo_steps: int = 1, *overrides: str):
+    """RLR as configured, with the published fo_steps 1 unless given."""
+    return component("estimator=rlr", f"estimator.h={h}", f"estimator.fo_steps={fo_steps}", *overrides)
 
 
 def estimators(batch: int, num_steps: int) -> dict:
     table = {
-        "full_bp": FullBackprop(),
-        "truncated_bp_k1": TruncatedBackprop(k=1),
-        "ddpo_onpolicy": ddpo_on_policy(batch),
-        "rlr_h1": RLR(h=1),
-        "rlr_h2": RLR(h=2),
-        "rlr_h4": RLR(h=4),
-        "rlr_h2_param": RLR(h=2, zo={"mode": "param"}),
+        "full_bp": lambda: component("estimator=full_bp"),
+        "truncated_bp_k1": lambda: component("estimator=truncated_bp", "estimator.k=1"),
+        "ddpo_onpolicy": lambda: ddpo_on_policy(batch),
     }
-    table |= {"rlr_h1_k2": RLR(h=1, fo_steps=2), "rlr_h1_k4": RLR(h=1, fo_steps=4)}
-    return {name: e for name, e in table.items() if not isinstance(e, RLR) or e.h + e.fo_steps <= num_steps}
+    rlr_table = {"rlr_h1": (1, 1), "rlr_h2": (2, 1), "rlr_h4": (4, 1), "rlr_h2_param": (2, 1),
+                 "rlr_h1_k2": (1, 2), "rlr_h1_k4": (1, 4)}
+    for name, (h, k) in rlr_table.items():
+        if h + k <= num_steps:
+            table[name] = (lambda h=h, k=k, name=name: rlr(h, k, *(["estimator.zo.mode=param"] if "param" in name else [])))
+    return {name: make() for name, make in table.items()}
 
 
 def tiny_policy(num_steps: int, device: str):
-    from rlr_cli.policy import DiffusionPolicy
-    from rlr_cli.tiny import ensure_tiny_pipeline
-
-    cache = os.environ.get("RLR_CACHE_DIR", os.path.expanduser("~/.cache/rlr-train"))
-    policy = DiffusionPolicy(
-        path=ensure_tiny_pipeline(cache), num_steps=num_steps, eta=1.0, guidance_scale=1.0, resolution=16,
-        gradient_checkpointing=False,
-        lora={"rank": 2, "alpha": 2, "init": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-    )
-    return policy.to(device)
+    return component("model=tiny", f"model.num_steps={num_steps}", "model.eta=1.0", "model.guidance_scale=1.0",
+                     "model.resolution=16", "model.gradient_checkpointing=false", "model.lora.rank=2",
+                     "model.lora.alpha=2").to(device)
 
 
 def make_problem(name: str, num_steps: int | None, device: str):
@@ -99,7 +93,7 @@ def markdown(rows: dict, header: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--problem", choices=["linear_gaussian", "tiny_unet"], default="linear_gaussian")
     parser.add_argument("--samples", type=int, default=2000, help="independent estimates per estimator")
     parser.add_argument("--out", default="estimator_diagnostics.json")
@@ -117,7 +111,8 @@ def main() -> None:
     policy, reward, prompts, exact = make_problem(args.problem, None, args.device)
     reference = None
     if exact is None:
-        reference, _, _ = draw_estimates(FullBackprop(), policy, reward, prompts, args.samples, seed=args.seed + 99)
+        reference, _, _ = draw_estimates(component("estimator=full_bp"), policy, reward, prompts, args.samples,
+                                         seed=args.seed + 99)
         exact = reference.mean(dim=0)
     rows = {}
     for name, estimator in estimators(len(prompts), policy.num_steps).items():
@@ -141,10 +136,11 @@ def main() -> None:
     h_values = [h for h in map(int, args.sweep_h.split(",")) if h + 1 <= policy.num_steps]
     variance_h = {}
     for h in h_values:
-        estimates, _, _ = draw_estimates(RLR(h=h), policy, reward, prompts, sweep_n, seed=args.seed + h)
+        estimates, _, _ = draw_estimates(rlr(h), policy, reward, prompts, sweep_n, seed=args.seed + h)
         variance_h[h] = bias_statistics(estimates, exact, reference)
     ddpo_var = rows["ddpo_onpolicy"]["variance"]
-    print(f"\nRLR variance against h (N = {sweep_n}; ddpo_onpolicy: {ddpo_var:.4g})\n\n| h | variance | ratio to ddpo_onpolicy | rel_bias | rel_bias_se |\n|---|---|---|---|---|")
+    print(f"\nRLR variance against h (N = {sweep_n}; ddpo_onpolicy: {ddpo_var:.4g})\n\n"
+          "| h | variance | ratio to ddpo_onpolicy | rel_bias | rel_bias_se |\n|---|---|---|---|---|")
     for h, s in variance_h.items():
         print(f"| {h} | {s['variance']:.4g} | {s['variance'] / ddpo_var:.3f} | {s['rel_bias']:.3g} | {s['rel_bias_se']:.3g} |")
 
@@ -153,8 +149,9 @@ def main() -> None:
     steps = list(map(int, args.sweep_steps.split(",")))
     for t in steps:
         pol_t, rew_t, prompts_t, _ = make_problem(args.problem, t, args.device)
-        for name, est in [("full_bp", FullBackprop()), ("truncated_bp_k1", TruncatedBackprop(k=1)),
-                          ("rlr_h1", RLR(h=1)), ("rlr_h4", RLR(h=4))]:
+        for name, est in [("full_bp", component("estimator=full_bp")),
+                          ("truncated_bp_k1", component("estimator=truncated_bp", "estimator.k=1")),
+                          ("rlr_h1", rlr(1)), ("rlr_h4", rlr(4))]:
             memory_t[name][t] = draw_estimates(est, pol_t, rew_t, prompts_t, 1, seed=args.seed, meter=True)[2]
     print(f"\nPeak memory (MB) against T ({MEMORY_NOTE[cuda]})\n\n| estimator | " + " | ".join(f"T={t}" for t in steps)
           + " |\n|---" * 1 + "|---" * len(steps) + "|")

@@ -9,7 +9,7 @@ From the same x_T and prompt (held-out captions of scripts/distill_shortcut.py, 
   no_shortcut:  the same k-step chain without the shortcut LoRA (the baseline a shortcut must beat)
 and reports the mean squared pixel distance (images in [0,1]) of each short chain to the long one, and
 toy_clipscore (logit_scale.exp() * cosine of the toy CLIP) and toy_aesthetic of every chain. All three
-run through DiffusionPolicy and ShortFT's own chain, as training does. JSON next to the shortcut.
+run through the policy and ShortFT's own chain, as training does. JSON next to the shortcut.
 """
 from __future__ import annotations
 
@@ -21,10 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.aesthetic import AestheticScore
-from rewards.clip_score import ClipScore
-from rlr_cli.estimators.shortft import ShortFT
-from rlr_cli.policy import DiffusionPolicy
+from rlr_cli.build import component
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "rlr_cli" / "assets" / "toy"
@@ -65,17 +62,12 @@ def stats(values: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample(policy, prompts, args, chain=None, adapters=None) -> tuple[torch.Tensor, float]:
+def sample(policy, prompts, args, chain=None) -> tuple[torch.Tensor, float]:
     """images (N,3,H,W) in [0,1] and seconds; batch b starts from the noise of seed + b in every chain."""
     images, start = [], time.time()
     for b, i in enumerate(range(0, len(prompts), args.batch)):
         generator = torch.Generator().manual_seed(args.seed + b)
-        chunk = prompts[i:i + args.batch]
-        if chain is None:
-            rollout = policy.sample(chunk, generator=generator)
-        else:
-            with policy.sampling_with(chain, adapters):
-                rollout = policy.sample(chunk, generator=generator)
+        rollout = policy.sample(prompts[i:i + args.batch], generator=generator, chain=chain)
         images.append(policy.decode(rollout.final))
     return torch.cat(images), time.time() - start
 
@@ -84,26 +76,31 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     toy = Path(args.toy)
-    lora = dict(rank=args.adapter_rank, alpha=args.adapter_alpha, init="default", target_modules=ATTENTION)
-    policy = DiffusionPolicy(path=str(toy / "pipeline"), num_steps=args.steps, eta=0.0,
-                             guidance_scale=args.guidance, lora=lora)  # trainable LoRA at zero: the base model
-    estimator = ShortFT(k=args.k, timesteps="even", scheduler="ddim", shortcut_path=args.shortcut)
+    policy = component(  # the trainable LoRA at zero (default init): the base model
+        "model=toy", f"model.path={toy / 'pipeline'}", f"model.num_steps={args.steps}", "model.eta=0.0",
+        f"model.guidance_scale={args.guidance}", f"model.lora.rank={args.adapter_rank}",
+        f"model.lora.alpha={args.adapter_alpha}", "model.lora.init=default",
+        f"model.lora.target_modules=[{','.join(ATTENTION)}]")
+    estimator = component("estimator=shortft", f"estimator.k={args.k}", "estimator.timesteps=even",
+                          "estimator.scheduler=ddim", f"estimator.shortcut_path={args.shortcut}")
     chain = estimator.attach(policy)
-    clipscore = ClipScore(path=str(toy / "clip"), processor_path=None, max_length=16)  # the toy CLIP has 16 positions
-    aesthetic = AestheticScore(path=str(toy / "clip"), head=str(toy / "aesthetic_head.safetensors"))
+    clipscore = component("reward=toy_clipscore", f"reward.path={toy / 'clip'}")
+    aesthetic = component("reward=toy_aesthetic", f"reward.path={toy / 'clip'}",
+                          f"reward.head={toy / 'aesthetic_head.safetensors'}")
     prompts = heldout_prompts(args)
 
     runs = {"long": sample(policy, prompts, args),
-            "shortcut": sample(policy, prompts, args, chain, estimator.adapters_at),
-            "no_shortcut": sample(policy, prompts, args, chain, lambda i: ())}
+            "shortcut": sample(policy, prompts, args, chain),
+            "no_shortcut": sample(policy, prompts, args, chain.without_adapter())}
     if args.adapter:
         policy.load_adapter(args.adapter)
         runs["long_with_adapter"] = sample(policy, prompts, args)
     report = {"settings": vars(args), "shortcut_timesteps": chain.timesteps.tolist(), "chains": {}}
     for name, (images, seconds) in runs.items():
-        entry = {"seconds": seconds,
-                 "toy_clipscore": stats(torch.cat([clipscore(images[i:i + 64], prompts[i:i + 64]) for i in range(0, len(prompts), 64)])),
-                 "toy_aesthetic": stats(torch.cat([aesthetic(images[i:i + 64], prompts[i:i + 64]) for i in range(0, len(prompts), 64)]))}
+        def scored(reward, images=images):
+            return stats(torch.cat([reward(images[i:i + 64], prompts[i:i + 64]) for i in range(0, len(prompts), 64)]))
+
+        entry = {"seconds": seconds, "toy_clipscore": scored(clipscore), "toy_aesthetic": scored(aesthetic)}
         if name != "long":
             entry["mse_to_long"] = stats(((images - runs["long"][0]) ** 2).flatten(1).mean(1))
         report["chains"][name] = entry

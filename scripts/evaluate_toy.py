@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -89,7 +90,7 @@ def main() -> None:
 
     checks = {}
     for key, threshold in THRESHOLDS.items():
-        value = report
+        value: Any = report
         for part in key.split("."):
             value = value[part]
         checks[key] = {"value": value, "threshold": threshold, "pass": value >= threshold}

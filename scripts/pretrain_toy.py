@@ -1,6 +1,6 @@
 """Train the embedded toy world from scratch on CPU: toy CLIP, VAE, UNet (-> StableDiffusionPipeline), judge, aesthetic head.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/pretrain_toy.py            # every stage not yet done (26 min from scratch on 2 idle cores)
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/pretrain_toy.py   # every stage not yet done (26 min from scratch, 2 idle cores)
     python scripts/pretrain_toy.py --stages judge,aesthetic --force judge,aesthetic  # redo two stages
     python scripts/pretrain_toy.py --unet-minutes 10                        # shorter UNet budget
 
@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -23,6 +24,11 @@ from rlr_cli.toy import assets, data
 
 STAGES = ("tokenizer", "clip", "vae", "unet", "pipeline", "judge", "aesthetic")
 
+
+
+def no_safety_checker(scheduler: Any) -> dict[str, Any]:
+    """The pipeline parts that diffusers annotates as required but the toy world does without."""
+    return {"scheduler": scheduler, "safety_checker": None, "feature_extractor": None}
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,8 +134,7 @@ def stage_pipeline(args, paths: assets.ToyPaths) -> dict:
         text_encoder=CLIPTextModel.from_pretrained(paths.clip),
         tokenizer=CLIPTokenizer.from_pretrained(paths.clip),
         unet=UNet2DConditionModel.from_pretrained(build / "unet_ema"),
-        scheduler=toy_unet.ddim_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        requires_safety_checker=False, **no_safety_checker(toy_unet.ddim_scheduler()),
     )
     if paths.pipeline.exists():
         shutil.rmtree(paths.pipeline)

@@ -9,32 +9,30 @@ the final held-out reward (last eval/step_N.json) and the last training reward (
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rlr_cli.run_folder import RunFolder  # noqa: E402
 
 
 def job_key(job: Path) -> str:
     """The job's overrides without its seed (and without bookkeeping keys)."""
-    record = job / ".hydra" / "overrides.yaml"
-    lines = record.read_text().splitlines() if record.exists() else []
-    overrides = [line.lstrip("- ").strip() for line in lines if line.strip()]
-    kept = [o for o in overrides if not o.startswith(("seed=", "hydra", "trainer.progress"))]
+    kept = [o for o in RunFolder(job).overrides() if not o.startswith(("seed=", "hydra", "trainer.progress"))]
     return " ".join(kept) or job.name
 
 
 def read_job(job: Path) -> dict | None:
-    metrics_file = job / "metrics.jsonl"
-    if not metrics_file.exists():
+    folder = RunFolder(job)
+    if not folder.exists():
         return None
-    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    train = [(line["step"], line["reward_mean"]) for line in lines if "reward_mean" in line and "loss" in line]
-    evals = sorted(job.glob("eval/step_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    final_eval = json.loads(evals[-1].read_text()) if evals else None
-    first_eval = json.loads(evals[0].read_text()) if evals else None
-    grids = sorted(job.glob("samples/step_*.png"), key=lambda p: int(p.stem.split("_")[1]))
-    return {"train": train, "final_eval": final_eval, "first_eval": first_eval, "grids": grids}
+    train = [(line["step"], line["reward_mean"]) for line in folder.train_steps]
+    evals = folder.evals
+    return {"train": train, "final_eval": evals[-1] if evals else None, "first_eval": evals[0] if evals else None,
+            "grids": folder.grids()}
 
 
 def mean_std(values: list[float]) -> str:

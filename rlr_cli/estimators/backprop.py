@@ -1,36 +1,55 @@
-"""Pathwise estimators: full backprop through the chain, and truncated backprop (DRaFT-K / AlignProp).
+"""Pathwise estimators: full backprop through the chain, truncated backprop (DRaFT-K / AlignProp),
+DRaFT-LV and ReFL.
 
 Steps outside `grad_steps` run their UNet call without grad, but the sampler's linear update still
 carries the gradient of later steps through x (as AlignProp's `noise_pred.detach()` does).
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
+from pydantic import Field
 
-from rlr_cli.estimators.common import draw, randn_like, require_differentiable, reward_metrics, score, utility
-from rlr_cli.interfaces import EstimatorOutput, Policy, Reward
+from rlr_cli.estimators.common import (
+    LossTerms,
+    draw,
+    randn_like,
+    require_differentiable,
+    reward_metrics,
+    score,
+    utility,
+)
+from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, RunFacts
+from rlr_cli.sampling import column
+
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
-def _pathwise(policy, reward, prompts, generator, grad_steps, target, reward_scale) -> EstimatorOutput:
+def _pathwise(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+              backward: Backward, grad_steps: list[int], target: float | None, reward_scale: float) -> EstimatorOutput:
     rollout = policy.sample(prompts, generator=generator, grad_steps=grad_steps)
     rewards = score(policy, reward, rollout.final, prompts)
-    loss = -utility(rewards, target, reward_scale).mean()
+    terms = LossTerms(backward)
+    terms.add(-utility(rewards, target, reward_scale).mean())
     metrics = reward_metrics(rewards) | {"grad_steps": float(len(grad_steps))}
-    return EstimatorOutput(loss=loss, rewards=rewards.detach(), metrics=metrics)
+    return EstimatorOutput(loss=terms.total, rewards=rewards.detach(), metrics=metrics)
 
 
 class FullBackprop:
     """Pathwise gradient through every transition (unbiased; memory bounded by checkpointing)."""
 
-    def __init__(self, target: float | None = None, reward_scale: float = 1.0):
+    def __init__(self, *, target: float | None, reward_scale: float):
         self.target, self.reward_scale = target, reward_scale
 
-    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
-        require_differentiable(reward, "full_bp")
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        require_differentiable(run, "full_bp")
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+                 backward: Backward) -> EstimatorOutput:
         steps = list(range(policy.num_steps))
-        return _pathwise(policy, reward, prompts, generator, steps, self.target, self.reward_scale)
+        return _pathwise(policy, reward, prompts, generator, backward, steps, self.target, self.reward_scale)
 
 
 class TruncatedBackprop:
@@ -42,21 +61,24 @@ class TruncatedBackprop:
 
     def __init__(
         self,
-        mode: Literal["fixed", "random_per_trajectory", "random_per_step"] = "fixed",
-        k: int = 1,
-        distribution: Literal["gaussian", "uniform"] = "uniform",
-        k_mean: float = 8.0,
-        k_std: float = 5.0,
-        k_min: int = 1,
-        k_max: int = 50,
-        target: float | None = None,
-        reward_scale: float = 1.0,
+        *,
+        mode: Literal["fixed", "random_per_trajectory", "random_per_step"],
+        k: PositiveInt,
+        distribution: Literal["gaussian", "uniform"],
+        k_mean: float,
+        k_std: Annotated[float, Field(ge=0)],
+        k_min: PositiveInt,
+        k_max: PositiveInt,
+        target: float | None,
+        reward_scale: float,
     ):
-        if k < 1:
-            raise ValueError(f"truncated_bp needs k >= 1, got {k}")
         self.mode, self.k, self.distribution = mode, k, distribution
         self.k_mean, self.k_std, self.k_min, self.k_max = k_mean, k_std, k_min, k_max
         self.target, self.reward_scale = target, reward_scale
+
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        require_differentiable(run, "truncated_bp")
 
     def _draw_k(self, generator: torch.Generator, num_steps: int) -> int:
         if self.distribution == "uniform":
@@ -74,10 +96,10 @@ class TruncatedBackprop:
             return list(range(num_steps - k, num_steps))
         return [i for i in range(num_steps) if i >= num_steps - self._draw_k(generator, num_steps)]
 
-    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
-        require_differentiable(reward, "truncated_bp")
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+                 backward: Backward) -> EstimatorOutput:
         steps = self.grad_steps(generator, policy.num_steps)
-        return _pathwise(policy, reward, prompts, generator, steps, self.target, self.reward_scale)
+        return _pathwise(policy, reward, prompts, generator, backward, steps, self.target, self.reward_scale)
 
 
 class DraftLV:
@@ -87,22 +109,26 @@ class DraftLV:
     rollout's own noise, the other n - 1 come from the run generator; one UNet call, n decoder passes.
     """
 
-    def __init__(self, n: int = 2, target: float | None = None, reward_scale: float = 1.0):
-        if n < 1:
-            raise ValueError(f"draft_lv needs n >= 1, got {n}")
+    def __init__(self, *, n: PositiveInt, target: float | None, reward_scale: float):
         self.n, self.target, self.reward_scale = n, target, reward_scale
 
-    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
-        require_differentiable(reward, "draft_lv")
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        require_differentiable(run, "draft_lv")
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+                 backward: Backward) -> EstimatorOutput:
         last = policy.num_steps - 1
         with torch.no_grad():
             rollout = policy.sample(prompts, generator=generator, grad_steps=())
         step = policy.transition(rollout, last, rollout.latents[:, last].detach())  # one UNet call with grad
         noises = [rollout.noises[:, last]] + [randn_like(step.mean, generator) for _ in range(self.n - 1)]
-        rewards = torch.stack([score(policy, reward, step.mean + step.std * z, prompts) for z in noises])
-        loss = -utility(rewards, self.target, self.reward_scale).mean()
+        std = column(step.std, step.mean)
+        rewards = torch.stack([score(policy, reward, step.mean + std * z, prompts) for z in noises])
+        terms = LossTerms(backward)
+        terms.add(-utility(rewards, self.target, self.reward_scale).mean())
         metrics = reward_metrics(rewards[0]) | {"draws": float(self.n)}
-        return EstimatorOutput(loss=loss, rewards=rewards[0].detach(), metrics=metrics)
+        return EstimatorOutput(loss=terms.total, rewards=rewards[0].detach(), metrics=metrics)
 
 
 class ReFL:
@@ -113,19 +139,22 @@ class ReFL:
     policy samples the whole chain (the protocol has no early stop): up to last_steps no-grad calls wasted.
     """
 
-    def __init__(self, last_steps: int = 10, target: float = 2.0, grad_scale: float = 1e-3):
-        if last_steps < 1:
-            raise ValueError(f"refl needs last_steps >= 1, got {last_steps}")
+    def __init__(self, *, last_steps: PositiveInt, target: float, grad_scale: float):
         self.last_steps, self.target, self.grad_scale = last_steps, target, grad_scale
 
-    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
-        require_differentiable(reward, "refl")
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        require_differentiable(run, "refl")
+
+    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+                 backward: Backward) -> EstimatorOutput:
         t = policy.num_steps
         stop = draw(generator, max(t - self.last_steps, 0), t - 1)
         with torch.no_grad():
             rollout = policy.sample(prompts, generator=generator, grad_steps=())
         x0 = policy.predict_x0(rollout, stop, rollout.latents[:, stop].detach())
         rewards = score(policy, reward, x0, prompts)
-        loss = self.grad_scale * torch.relu(self.target - rewards).mean()
+        terms = LossTerms(backward)
+        terms.add(self.grad_scale * torch.relu(self.target - rewards).mean())
         metrics = reward_metrics(rewards) | {"stop_step": float(stop)}
-        return EstimatorOutput(loss=loss, rewards=rewards.detach(), metrics=metrics)
+        return EstimatorOutput(loss=terms.total, rewards=rewards.detach(), metrics=metrics)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from rlr_cli.interfaces import BufferedEstimator, Estimator, EstimatorOutput, Policy, Reward
 
 
 def flat_gradient(params: Sequence[torch.nn.Parameter]) -> Tensor:
@@ -57,8 +59,24 @@ class SavedTensorMeter:
             yield self
 
 
+def estimate(estimator: Estimator | BufferedEstimator, policy: Policy, reward: Reward, prompts: Sequence[str],
+             generator: torch.Generator) -> EstimatorOutput:
+    """One gradient estimate into the trainable weights' .grad, backward as the trainer's (without scaling).
+
+    A buffered estimator collects a fresh batch and runs its first update (on-policy).
+    """
+    def backward(term: Tensor) -> None:
+        term.backward()
+
+    if isinstance(estimator, BufferedEstimator):
+        update = estimator.collect(policy, reward, prompts, generator)[0]
+        return estimator.update(policy, reward, update, backward)
+    return estimator(policy, reward, prompts, generator, backward)
+
+
 def draw_estimates(
-    estimator: Callable, policy, reward, prompts: Sequence[str], n: int, seed: int = 0, meter: bool = False
+    estimator: Estimator | BufferedEstimator, policy: Policy, reward: Reward, prompts: Sequence[str], n: int,
+    seed: int = 0, meter: bool = False,
 ) -> tuple[Tensor, float, float]:
     """N estimates of grad J (N, P) from one generator seeded `seed`; seconds per estimate; peak MB.
 
@@ -76,9 +94,9 @@ def draw_estimates(
             p.grad = None
         if meter and not cuda:
             with saved.measure():
-                estimator(policy, reward, prompts, generator).loss.backward()
+                estimate(estimator, policy, reward, prompts, generator)
         else:
-            estimator(policy, reward, prompts, generator).loss.backward()
+            estimate(estimator, policy, reward, prompts, generator)
         estimates.append(-flat_gradient(params))
     seconds = (time.perf_counter() - start) / n
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else saved.peak / 2**20

@@ -1,15 +1,14 @@
-"""Helpers shared by the estimators: the objective applied to raw rewards, and reward evaluation."""
+"""Helpers shared by the estimators: the objective applied to raw rewards, scoring, baselines, checks."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from rlr_cli.errors import UserError
-from rlr_cli.interfaces import Policy, Reward, Rollout
+from rlr_cli.interfaces import Backward, Policy, Reward, Rollout, RunFacts
 
 
 def utility(rewards: Tensor, target: float | None, scale: float) -> Tensor:
@@ -28,12 +27,19 @@ def score(policy: Policy, reward: Reward, final_latents: Tensor, prompts: Sequen
     return rewards
 
 
-def require_differentiable(reward: Reward, estimator: str) -> None:
-    if not reward.differentiable:
-        raise UserError(
-            f"estimator={estimator} backpropagates through the reward, but reward "
-            f"{type(reward).__name__} is not differentiable; use estimator=ddpo or a differentiable reward"
-        )
+def require_differentiable(run: RunFacts, estimator: str, why: str = "backpropagates through the reward") -> None:
+    """The validation pass: a pathwise estimator needs a differentiable reward."""
+    if not run.reward_differentiable:
+        raise UserError(f"estimator={estimator} {why}, but the reward is not differentiable; "
+                        "use estimator=ddpo or a differentiable reward")
+
+
+def require_stochastic(run: RunFacts, estimator: str) -> None:
+    """The validation pass: likelihood-ratio terms need a stochastic chain (the log-density of a
+    deterministic step is undefined)."""
+    if run.eta <= 0:
+        raise UserError(f"estimator={estimator} has likelihood-ratio terms, which need a stochastic chain: "
+                        f"model.eta={run.eta} makes every step deterministic; set model.eta > 0 (DDPO: 1.0)")
 
 
 def reward_metrics(rewards: Tensor) -> dict[str, float]:
@@ -43,15 +49,6 @@ def reward_metrics(rewards: Tensor) -> dict[str, float]:
 def draw(generator: torch.Generator, low: int, high: int) -> int:
     """A uniform integer in [low, high] from the run's generator (keeps runs reproducible)."""
     return int(torch.randint(low, high + 1, (1,), generator=generator).item())
-
-
-def gaussian_log_density(x: Tensor, mean: Tensor, std: float) -> Tensor:
-    """log N(x; mean, std^2 I) summed over all non-batch dims, (B,...) -> (B,); x is treated as data."""
-    if std <= 0:
-        raise ValueError("the log-density of a deterministic transition (std = 0) is undefined")
-    z = (x.detach() - mean) / std
-    per_dim = -0.5 * z**2 - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return per_dim.flatten(1).sum(dim=1)
 
 
 def leave_one_out_mean(values: Tensor, groups: Sequence[str] | None) -> Tensor:
@@ -97,39 +94,6 @@ def advantages(u: Tensor, prompts: Sequence[str], baseline: Baseline, scale_by_s
     return a
 
 
-class GradientSum:
-    """Differentiates loss terms one at a time and folds them into one surrogate loss.
-
-    Each `add(term)` frees the term's graph at once (torch.autograd.grad), so memory does not grow with
-    the number of terms; `loss()` returns a scalar whose value is the sum of the terms and whose gradient
-    w.r.t. the parameters is the sum of their gradients: value + (g.detach() * p).sum() - its own value.
-    """
-
-    def __init__(self, params: Sequence[torch.nn.Parameter]):
-        self.params = list(params)
-        self.grads = [torch.zeros_like(p) for p in self.params]
-        self.value = 0.0
-
-    def add(self, term: Tensor) -> None:
-        grads = torch.autograd.grad(term, self.params, allow_unused=True)
-        for acc, g in zip(self.grads, grads):
-            if g is not None:
-                acc.add_(g)
-        self.value += term.item()
-
-    def add_gradient(self, grads: Sequence[Tensor], value: float = 0.0) -> None:
-        for acc, g in zip(self.grads, grads):
-            acc.add_(g)
-        self.value += value
-
-    def loss(self, reference: Tensor) -> Tensor:
-        """The folded surrogate, on the device/dtype of `reference` (a scalar)."""
-        surrogate = sum((g.detach() * p).sum() for g, p in zip(self.grads, self.params))
-        if not torch.is_tensor(surrogate):
-            return reference.new_tensor(self.value)
-        return (surrogate - surrogate.detach()).to(reference.dtype) + self.value
-
-
 def select(rollout: Rollout, idx: Tensor) -> Rollout:
     """The rollout of samples idx (K,): indexes every tensor whose first dim is B, in cond too.
 
@@ -167,3 +131,14 @@ def detached(rollout: Rollout) -> Rollout:
 def randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
     """Standard normal noise shaped like x, drawn from the (CPU) run generator, on x's device/dtype."""
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+
+
+class LossTerms:
+    """Hands each loss term to the trainer's backward at once (its graph is freed) and sums their values."""
+
+    def __init__(self, backward: Backward):
+        self.backward, self.total = backward, 0.0
+
+    def add(self, term: Tensor) -> None:
+        self.backward(term)
+        self.total += float(term.detach())

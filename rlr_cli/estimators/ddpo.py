@@ -1,13 +1,11 @@
 """DDPO with parity to kvablack/ddpo-pytorch: per-prompt advantages, inner epochs, PPO clipping.
 
-One call = one optimizer step. A call with an empty buffer samples a batch (no grad), scores it, turns
-rewards into advantages and lays out the whole schedule of the batch: `num_inner_epochs` passes, each
-shuffling the samples and, independently per sample, the timesteps, cut into sub-batches of
-`train_batch_size`, `grad_accum` sub-batches per optimizer step. Later calls consume that schedule
-(the prompts they are given are ignored until the buffer is empty again). Each (sub-batch, timestep)
-term is differentiated at once (common.GradientSum): the graphs of one sub-batch at one timestep slot
-alive at a time, as with ddpo-pytorch's per-timestep backward. The Policy protocol runs one transition
-index per call, so a sub-batch whose samples sit at different timesteps takes one call per timestep.
+A buffered estimator (interfaces.BufferedEstimator): `collect` samples a batch (no grad), scores it,
+turns rewards into advantages and lays out the whole schedule of the batch: `num_inner_epochs` passes,
+each shuffling the samples and, independently per sample, the timesteps, cut into sub-batches of
+`train_batch_size`, `grad_accum` sub-batches per optimizer step; each `update` is one optimizer step.
+A sub-batch at one timestep slot is one denoiser call (its samples at their own transitions) and one
+loss term, handed to backward at once, as ddpo-pytorch's per-timestep backward.
 
 Parity: the loss of one term is mean_b max(-A ratio, -A clip(ratio, 1 - c, 1 + c)), ratio =
 exp(log p_new - log p_old), log p averaged over latent dims; a step's gradient is the mean of its
@@ -18,15 +16,28 @@ likelihood-ratio estimator of -grad J (unbiased).
 from __future__ import annotations
 
 from collections import deque
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from rlr_cli.errors import UserError
-from rlr_cli.estimators.common import GradientSum, detached, leave_one_out_mean, reward_metrics, score, select, utility
-from rlr_cli.interfaces import EstimatorOutput, Policy, Reward
+from rlr_cli.estimators.common import (
+    LossTerms,
+    detached,
+    leave_one_out_mean,
+    require_stochastic,
+    reward_metrics,
+    score,
+    select,
+    utility,
+)
+from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class PerPromptStatTracker:
@@ -37,14 +48,14 @@ class PerPromptStatTracker:
         self.stats: dict[str, deque] = {}
 
     def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
-        prompts = np.array(prompts)
+        prompts_array = np.array(prompts)
         out = np.empty_like(rewards)
-        for prompt in np.unique(prompts):
-            mine = rewards[prompts == prompt]
+        for prompt in np.unique(prompts_array):
+            mine = rewards[prompts_array == prompt]
             history = self.stats.setdefault(str(prompt), deque(maxlen=self.buffer_size))
             history.extend(mine.tolist())
             pool = rewards if len(history) < self.min_count else np.array(history)
-            out[prompts == prompt] = (mine - pool.mean()) / (pool.std() + 1e-6)
+            out[prompts_array == prompt] = (mine - pool.mean()) / (pool.std() + 1e-6)
         return out
 
     def state_dict(self) -> dict:
@@ -54,52 +65,68 @@ class PerPromptStatTracker:
         self.stats = {p: deque(h, maxlen=self.buffer_size) for p, h in state.items()}
 
 
+@dataclass(frozen=True)
+class Batch:
+    """A collected batch: the trajectories, their rewards and advantages, and timesteps trained per sample."""
+
+    rollout: Rollout
+    rewards: Tensor  # (B,)
+    advantages: Tensor  # (B,)
+    trained: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer step: sub-batches (sample indices (b,), their shuffled transitions (b, trained))."""
+
+    batch: Batch
+    sub_batches: list[tuple[Tensor, Tensor]]
+    first: bool  # the batch's first step (logged as `sampled`)
+
+
 class DDPO:
     """PPO-clipped likelihood ratio over stored trajectories (unbiased only on-policy, unclipped)."""
 
     def __init__(
         self,
-        num_inner_epochs: int = 1,
-        train_batch_size: int = 4,
-        grad_accum: int = 4,
-        timestep_fraction: float = 1.0,
-        clip_range: float | None = 1e-4,
-        adv_clip_max: float = 5.0,
-        advantages: Literal["ddpo", "leave_one_out"] = "ddpo",
-        per_prompt_stat_tracking: bool = True,
-        stat_buffer_size: int = 16,
-        stat_min_count: int = 16,
-        log_prob_reduce: Literal["mean", "sum"] = "mean",
-        timestep_reduce: Literal["mean", "sum"] = "mean",
-        target: float | None = None,
-        reward_scale: float = 1.0,
+        *,
+        num_inner_epochs: PositiveInt,
+        train_batch_size: PositiveInt,
+        grad_accum: PositiveInt,
+        timestep_fraction: Annotated[float, Field(gt=0, le=1)],
+        clip_range: Annotated[float, Field(gt=0)] | None,
+        adv_clip_max: Annotated[float, Field(gt=0)],
+        advantages: Literal["ddpo", "leave_one_out"],
+        per_prompt_stat_tracking: bool,
+        stat_buffer_size: PositiveInt,
+        stat_min_count: PositiveInt,
+        log_prob_reduce: Literal["mean", "sum"],
+        timestep_reduce: Literal["mean", "sum"],
+        target: float | None,
+        reward_scale: float,
     ):
-        if num_inner_epochs < 1 or train_batch_size < 1 or grad_accum < 1 or not 0 < timestep_fraction <= 1:
-            raise UserError(
-                "estimator=ddpo needs num_inner_epochs, train_batch_size, grad_accum >= 1 and "
-                f"0 < timestep_fraction <= 1 (got {num_inner_epochs}, {train_batch_size}, {grad_accum}, "
-                f"{timestep_fraction})"
-            )
         self.num_inner_epochs, self.train_batch_size, self.grad_accum = num_inner_epochs, train_batch_size, grad_accum
         self.timestep_fraction, self.clip_range, self.adv_clip_max = timestep_fraction, clip_range, adv_clip_max
         self.advantage_mode, self.per_prompt_stat_tracking = advantages, per_prompt_stat_tracking
         self.log_prob_reduce, self.timestep_reduce = log_prob_reduce, timestep_reduce
         self.target, self.reward_scale = target, reward_scale
         self.tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
-        self._buffer: dict | None = None
-        self._schedule: list[list[tuple[Tensor, Tensor]]] = []
 
-    @property
-    def at_cycle_boundary(self) -> bool:
-        """True when no sampled batch is pending: a checkpoint taken now resumes exactly."""
-        return not self._schedule
+    @staticmethod
+    def check(options: dict, run: RunFacts) -> None:
+        if run.grad_accum != 1:
+            raise UserError("estimator=ddpo accumulates its own sub-batches (estimator.grad_accum): set "
+                            "trainer.grad_accum=1")
+        if run.batch_size % options["train_batch_size"]:
+            raise UserError(f"estimator=ddpo: trainer.batch_size={run.batch_size} is not a multiple of "
+                            f"estimator.train_batch_size={options['train_batch_size']}")
+        require_stochastic(run, "ddpo")
 
     def state_dict(self) -> dict:
         return {"stat_tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["stat_tracker"])
-        self._buffer, self._schedule = None, []
 
     # -- sampling ----------------------------------------------------------------------------------
     def _advantages(self, u: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -111,59 +138,54 @@ class DDPO:
             adv = (u - u.mean()) / (u.std() + 1e-8)
         return adv.to(u.device).clamp(-self.adv_clip_max, self.adv_clip_max)
 
-    def _sample(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> None:
+    def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:
         with torch.no_grad():
             rollout = detached(policy.sample(prompts, generator=generator, grad_steps=()))
             rewards = score(policy, reward, rollout.final, prompts).detach()
         u = utility(rewards, self.target, self.reward_scale)
         b, t = len(prompts), policy.num_steps
         trained = max(1, int(t * self.timestep_fraction))
-        self._buffer = {"rollout": rollout, "rewards": rewards, "advantages": self._advantages(u, prompts), "trained": trained}
-        steps: list[tuple[Tensor, Tensor]] = []
+        batch = Batch(rollout, rewards, self._advantages(u, prompts), trained)
+        sub_batches: list[tuple[Tensor, Tensor]] = []
         for _ in range(self.num_inner_epochs):
             order = torch.randperm(b, generator=generator)
             times = torch.stack([torch.randperm(t, generator=generator)[:trained] for _ in range(b)])
             for s in range(0, b, self.train_batch_size):
                 idx = order[s : s + self.train_batch_size]
-                steps.append((idx, times[idx]))
-        self._schedule = [steps[s : s + self.grad_accum] for s in range(0, len(steps), self.grad_accum)]
+                sub_batches.append((idx, times[idx]))
+        groups = [sub_batches[s : s + self.grad_accum] for s in range(0, len(sub_batches), self.grad_accum)]
+        return [Update(batch, group, first=n == 0) for n, group in enumerate(groups)]
 
     # -- training ----------------------------------------------------------------------------------
-    def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator):
-        sampled = not self._schedule
-        if sampled:
-            self._sample(policy, reward, prompts, generator)
-        buffer, group = self._buffer, self._schedule.pop(0)
-        rollout, adv, trained = buffer["rollout"], buffer["advantages"], buffer["trained"]
+    def update(self, policy: Policy, reward: Reward, update: Update, backward: Backward) -> EstimatorOutput:
+        batch = update.batch
+        rollout, adv, trained = batch.rollout, batch.advantages, batch.trained
         dims = rollout.latents[0, 0].numel()
         # accelerate's average over grad_accum * trained terms, or the estimator's sum over transitions
-        per_term = 1.0 / len(group) / (trained if self.timestep_reduce == "mean" else trained / policy.num_steps)
-        grads = GradientSum(policy.trainable_parameters())
+        per_term = 1.0 / len(update.sub_batches) / (trained if self.timestep_reduce == "mean" else trained / policy.num_steps)
+        terms = LossTerms(backward)
         kls, clipped, used = [], [], []
-        for idx, times in group:
+        for idx, times in update.sub_batches:
             used.append(idx)
+            sub = select(rollout, idx)
+            rows = torch.arange(len(idx))
             for slot in range(trained):
-                # one term per (sub-batch, slot): the sub-batch's UNet calls, split by timestep
-                term = 0.0
-                for i in times[:, slot].unique().tolist():
-                    members = idx[times[:, slot] == i]
-                    sub = select(rollout, members)
-                    new = policy.step_log_prob(sub, i, reduce=self.log_prob_reduce)
-                    old = sub.log_probs[:, i].to(new) * (dims if self.log_prob_reduce == "sum" else 1)
-                    a = adv[members].to(new)
-                    ratio = torch.exp(new - old)
-                    loss = -a * ratio
-                    if self.clip_range is not None:
-                        loss = torch.maximum(loss, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
-                        clipped.append(((ratio.detach() - 1).abs() > self.clip_range).float())
-                    term = term + per_term * loss.sum() / len(idx)  # its share of mean_b over the sub-batch
-                    kls.append(0.5 * (new.detach() - old) ** 2)
-                grads.add(term)
-        used = torch.cat(used)
-        metrics = reward_metrics(buffer["rewards"]) | {
+                steps = times[:, slot]  # each sample at its own transition: one denoiser call
+                new = policy.step_log_prob(sub, steps, reduce=self.log_prob_reduce)
+                old = sub.log_probs[rows, steps].to(new) * (dims if self.log_prob_reduce == "sum" else 1)
+                a = adv[idx].to(new)
+                ratio = torch.exp(new - old)
+                loss = -a * ratio
+                if self.clip_range is not None:
+                    loss = torch.maximum(loss, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
+                    clipped.append(((ratio.detach() - 1).abs() > self.clip_range).float())
+                terms.add(per_term * loss.mean())
+                kls.append(0.5 * (new.detach() - old) ** 2)
+        used_samples = torch.cat(used)
+        metrics = reward_metrics(batch.rewards) | {
             "approx_kl": torch.cat(kls).mean().item(),
             "clipfrac": torch.cat(clipped).mean().item() if clipped else 0.0,
-            "sampled": float(sampled),
+            "sampled": float(update.first),
             "advantage_abs_mean": adv.abs().mean().item(),
         }
-        return EstimatorOutput(loss=grads.loss(adv.new_zeros(())), rewards=buffer["rewards"][used], metrics=metrics)
+        return EstimatorOutput(loss=terms.total, rewards=batch.rewards[used_samples], metrics=metrics)

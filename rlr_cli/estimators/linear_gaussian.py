@@ -13,7 +13,6 @@ Latents are (B, d); a rollout's latents are (B, T+1, d).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from rlr_cli.interfaces import Rollout, Transition
+from rlr_cli.sampling import as_steps, gaussian_log_prob
 
 
 class QuadraticReward:
@@ -35,9 +35,26 @@ class QuadraticReward:
         return -0.5 * (self.weights * (images - self.target) ** 2).sum(dim=1)
 
 
-def _log_density(x: Tensor, mean: Tensor, std: float, reduce: str) -> Tensor:
-    per_dim = -0.5 * ((x.detach() - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return per_dim.mean(dim=1) if reduce == "mean" else per_dim.sum(dim=1)
+class LinearChain:
+    """The chain's noise scales as an interfaces.Chain (its means are the policy's own affine maps)."""
+
+    guidance_scale = None
+
+    def __init__(self, sigmas: list[float]):
+        self.num_steps = len(sigmas)
+        self.sigmas = torch.tensor(sigmas, dtype=torch.float64)
+        self.timesteps = torch.arange(self.num_steps, 0, -1)
+
+    def adapters(self, i: int) -> tuple[str, ...]:
+        return ()
+
+    def std(self, steps: Tensor) -> Tensor:
+        return self.sigmas[steps]
+
+    def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        raise NotImplementedError("the linear-Gaussian policy computes its means itself")
+
+    predict_x0 = mean
 
 
 class LinearGaussianPolicy(torch.nn.Module):
@@ -58,6 +75,7 @@ class LinearGaussianPolicy(torch.nn.Module):
         self.decay = [decay] * num_steps
         ratio = sigma_last / sigma_first
         self.sigmas = [sigma_first * ratio ** (i / max(num_steps - 1, 1)) for i in range(num_steps)]
+        self.chain = LinearChain(self.sigmas)
         self.weight = torch.nn.Parameter(0.1 * torch.randn(dim, dim, generator=init, dtype=torch.float64))
         self.bias = torch.nn.Parameter(0.2 * torch.randn(num_steps, dim, generator=init, dtype=torch.float64))
 
@@ -76,23 +94,29 @@ class LinearGaussianPolicy(torch.nn.Module):
                 f = self._net(i, x)
         return self.decay[i] * x + f
 
-    def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = ()) -> Rollout:
+    def _means(self, steps: Tensor, x: Tensor) -> Tensor:
+        """Each sample's mean at its own step, (B,) steps, x (B,d)."""
+        decay = torch.tensor(self.decay, dtype=x.dtype)[steps][:, None]
+        return decay * x + x @ self.weight.T + self.bias[steps]
+
+    def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
+               chain=None) -> Rollout:
         """B = len(prompts) trajectories; steps outside grad_steps detach f_i but keep d/dx of a_i x."""
-        grad_steps, b = set(grad_steps), len(prompts)
+        with_grad, b = set(grad_steps), len(prompts)
         x = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
         latents, noises, log_probs = [x], [], []
         for i in range(self.num_steps):
             z = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
-            mean = self._mean(i, x, network_grad=i in grad_steps)
+            mean = self._mean(i, x, network_grad=i in with_grad)
             x = mean + self.sigmas[i] * z
             latents.append(x)
             noises.append(z)
-            log_probs.append(_log_density(x, mean.detach(), self.sigmas[i], "mean"))
+            log_probs.append(gaussian_log_prob(x, mean.detach(), self.chain.std(as_steps(i, b))))
         return Rollout(
             latents=torch.stack(latents, dim=1),
             noises=torch.stack(noises, dim=1),
             log_probs=torch.stack(log_probs, dim=1),
-            timesteps=torch.arange(self.num_steps, 0, -1),
+            chain=self.chain,
             cond=None,
             prompts=list(prompts),
         )
@@ -100,11 +124,14 @@ class LinearGaussianPolicy(torch.nn.Module):
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
         noise = rollout.noises[:, i] if noise is None else noise
         mean = self._mean(i, x)
-        return Transition(sample=mean + self.sigmas[i] * noise, mean=mean, std=self.sigmas[i])
+        return Transition(sample=mean + self.sigmas[i] * noise, mean=mean, std=self.chain.std(as_steps(i, x.shape[0])))
 
-    def step_log_prob(self, rollout: Rollout, i: int, reduce: str = "mean") -> Tensor:
-        mean = self._mean(i, rollout.latents[:, i].detach())
-        return _log_density(rollout.latents[:, i + 1], mean, self.sigmas[i], reduce)
+    def step_log_prob(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> Tensor:
+        b = rollout.latents.shape[0]
+        steps = as_steps(steps, b)
+        rows = torch.arange(b)
+        mean = self._means(steps, rollout.latents[rows, steps].detach())
+        return gaussian_log_prob(rollout.latents[rows, steps + 1], mean, self.chain.std(steps), reduce)
 
     def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
         """The noise-free chain from the input of transition i to the end."""
@@ -116,11 +143,16 @@ class LinearGaussianPolicy(torch.nn.Module):
         return latents
 
     def save_adapter(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
         os.makedirs(directory, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(directory, "linear_gaussian.pt"))
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  os.path.join(directory, "linear_gaussian.safetensors"))
 
     def load_adapter(self, directory: str) -> None:
-        self.load_state_dict(torch.load(os.path.join(directory, "linear_gaussian.pt")))
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(os.path.join(directory, "linear_gaussian.safetensors")))
 
     # -- closed form -------------------------------------------------------------------------------
     def moments(self) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ def rule_terms(labels: data.Labels) -> dict[str, Tensor]:
 def rule_score(labels: data.Labels) -> Tensor:
     """The hidden aesthetic rule: labels -> scores (B,) in [0,10]."""
     terms = rule_terms(labels)
-    return 10 * sum(WEIGHTS[k] * terms[k] for k in WEIGHTS)
+    return cast(Tensor, 10 * sum(WEIGHTS[k] * terms[k] for k in WEIGHTS))
 
 
 @torch.no_grad()

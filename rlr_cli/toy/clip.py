@@ -5,6 +5,7 @@ Scores are PickScore-style: `logit_scale.exp() * cosine(image_embeds, text_embed
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ WIDTH = 64  # hidden and projection width of both towers
 
 def build_clip(tokenizer: CLIPTokenizer) -> CLIPModel:
     """An untrained toy CLIPModel (~254 k params) whose text config carries the tokenizer's special ids."""
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ids: dict[str, Any] = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     text = dict(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=WIDTH, **ids)
@@ -48,7 +49,7 @@ def normalize(images: Tensor) -> Tensor:
     return (images - mean) / std
 
 
-def text_embeds(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str]) -> Tensor:
+def text_embeds(model: Any, tokenizer: CLIPTokenizer, texts: list[str]) -> Tensor:
     """texts -> L2-normalised text embeddings (N, WIDTH)."""
     tok = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     tok = tok.to(model.device)
@@ -56,13 +57,13 @@ def text_embeds(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str]) ->
     return F.normalize(feats, dim=-1)
 
 
-def image_embeds(model: CLIPModel, images: Tensor) -> Tensor:
+def image_embeds(model: Any, images: Tensor) -> Tensor:
     """images (B,3,32,32) in [0,1] -> L2-normalised image embeddings (B, WIDTH)."""
     pixels = normalize(images.to(model.device))
     return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
 
 
-def contrastive_loss(model: CLIPModel, tokenizer: CLIPTokenizer, images: Tensor, texts: list[str]) -> Tensor:
+def contrastive_loss(model: Any, tokenizer: CLIPTokenizer, images: Tensor, texts: list[str]) -> Tensor:
     """Symmetric InfoNCE where every item with the same caption is a positive (soft targets)."""
     img = image_embeds(model, images)
     txt = text_embeds(model, tokenizer, texts)
@@ -75,7 +76,7 @@ def contrastive_loss(model: CLIPModel, tokenizer: CLIPTokenizer, images: Tensor,
                   + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
 
 
-def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, steps: int, minutes: float, batch_size: int = 256,
+def train_clip(model: Any, tokenizer: CLIPTokenizer, steps: int, minutes: float, batch_size: int = 256,
                lr: float = 1e-3, seed: int = 0, device: str = "cpu") -> dict:
     """Train in place for `steps` or `minutes`, whichever ends first; returns {"steps", "seconds", "loss"}."""
     model.to(device).train()
@@ -100,7 +101,7 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, steps: int, minutes: 
 
 
 @torch.no_grad()
-def zero_shot(model: CLIPModel, tokenizer: CLIPTokenizer, images: Tensor, labels: data.Labels) -> dict[str, float]:
+def zero_shot(model: Any, tokenizer: CLIPTokenizer, images: Tensor, labels: data.Labels) -> dict[str, float]:
     """Zero-shot accuracy over all 192 captions: exact caption and each attribute of the argmax caption."""
     prompts = data.all_captions()
     txt = text_embeds(model, tokenizer, prompts)

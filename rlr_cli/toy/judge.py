@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ def train_judge(model: Judge, vae, steps: int, minutes: float, batch_size: int =
         while step < steps and time.time() - start < minutes * 60:
             images, labels = _mixed_batch(vae, batch_size, seed * 1_000_003 + step)
             logits = model(images)
-            loss = sum(F.cross_entropy(logits[k], getattr(labels, k).to(device)) for k in HEADS)
+            loss = cast(Tensor, sum(F.cross_entropy(logits[k], getattr(labels, k).to(device)) for k in HEADS))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -7,10 +7,11 @@ import copy
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -20,7 +21,7 @@ from rlr_cli.toy.tokenizer import MAX_LENGTH
 from rlr_cli.toy.vae import DOWNSCALE, LATENT_CHANNELS
 
 # the training noise schedule; the saved DDIMScheduler shares it
-NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+NOISE_SCHEDULE: dict[str, Any] = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                       prediction_type="epsilon")
 CAPTION_DROPOUT = 0.1  # fraction of training captions replaced by the empty prompt (for guidance)
 
@@ -61,7 +62,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
-def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, table: Tensor, steps: int, minutes: float,
+def train_unet(unet: Any, vae: Any, table: Tensor, steps: int, minutes: float,
                checkpoint: Path, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999,
                seed: int = 2, checkpoint_every: int = 250, device: str = "cpu") -> tuple[UNet2DConditionModel, dict]:
     """Train (resuming from `checkpoint` if present) for `steps` total or `minutes` more; returns (EMA unet, stats).
@@ -71,7 +72,7 @@ def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, table: Tensor, st
     unet.to(device)
     vae.to(device)
     table = table.to(device)
-    noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
+    noise_sched: Any = DDPMScheduler(**NOISE_SCHEDULE)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -84,7 +85,8 @@ def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, table: Tensor, st
         warmup.load_state_dict(state["warmup"])
         step, elapsed = state["step"], state["elapsed"]
     gen = torch.Generator().manual_seed(seed * 7919 + step)
-    ema_params, params = list(ema.parameters()), list(unet.parameters())
+    ema_params: list[Tensor] = list(ema.parameters())
+    params: list[Tensor] = list(unet.parameters())
     start, loss_avg = time.time(), None
     unet.train()
     bar = tqdm(total=steps, initial=step, desc="toy UNet", unit="step", mininterval=5)

@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from conftest import compose_config, rlr_train
+from helpers import build_run, rlr_train
 from rewards.standins import hydra_overrides, write_standin
-from rlr_cli.build import build
 from rlr_cli.trainer import Trainer
 
 REWARDS = ["aesthetic", "hps", "pickscore", "imagereward", "weighted"]
@@ -18,7 +17,7 @@ ONE_STEP = ["model=tiny", "trainer.max_steps=1", "trainer.batch_size=2", "traine
 @pytest.mark.parametrize("name", REWARDS)
 def test_reward_stand_in_trains_one_step(name, tmp_path):
     overrides = hydra_overrides(write_standin(name, tmp_path / "weights"))
-    run = build(compose_config(*ONE_STEP, f"reward={name}", *overrides))
+    run = build_run(*ONE_STEP, f"reward={name}", *overrides)
     result = Trainer(run, tmp_path / "run").train()
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["step"] == 1 and metrics["grad_norm"] > 0  # the reward's gradient reached the LoRA

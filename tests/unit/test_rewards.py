@@ -11,30 +11,34 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from rewards.aesthetic import AestheticScore
-from rewards.clip_score import ClipScore
-from rewards.hps import HPSv2
-from rewards.imagereward import ImageReward, rename_checkpoint
-from rewards.simple import JpegCompressibility, Saturation
-from rewards.standins import hydra_overrides, imagereward_original_keys, write_clip_folder, write_clip_tokenizer
-from rewards.standins import write_head, write_standin
+from helpers import ROOT
+from rewards.imagereward import rename_checkpoint
+from rewards.simple import Saturation
+from rewards.standins import (
+    hydra_overrides,
+    imagereward_original_keys,
+    write_clip_folder,
+    write_clip_tokenizer,
+    write_head,
+    write_standin,
+)
 from rewards.weighted import WeightedSum
-from rlr_cli.build import import_target
+from rlr_cli.build import component, compose_plain
+from rlr_cli.config import import_target
 from rlr_cli.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 CONFIG_DIR = REPO / "configs"
 REAL_HEAD = REPO.parent / "shared" / "data" / "sac+logos+ava1-l14-linearMSE.pth"
-CLASSES = {"aesthetic": AestheticScore, "hps": HPSv2, "pickscore": ClipScore, "imagereward": ImageReward}
 PROMPTS = ["a photo of a cute cat", "a red painting of a dog"]
 
 
@@ -53,9 +57,14 @@ def standin(tmp_path_factory):
 
 def compose_reward(name: str, overrides: list[str]):
     """configs/reward/<name>.yaml with overrides, instantiated as the trainer and rlr-score do."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        config = compose("score", overrides=[f"reward={name}", *overrides])
-    return instantiate(config.reward)
+    return component(f"reward={name}", *overrides)
+
+
+def make(name: str, **options):
+    """The class of reward option `name` built with its YAML values, `options` replacing some of them."""
+    node = compose_plain(f"reward={name}")["reward"]
+    values = {key: value for key, value in node.items() if not key.startswith("_")}
+    return import_target(node["_target_"], "reward")(**(values | options))
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +116,13 @@ def test_scores_depend_on_the_prompt_for_text_rewards(built):
 
 def test_non_differentiable_rewards_give_no_gradient_and_weighted_says_so():
     x = images()
-    jpeg = JpegCompressibility()
+    jpeg = make("jpeg_compressibility")
     assert jpeg.differentiable is False and not jpeg(x, PROMPTS).requires_grad
-    mixed = WeightedSum({"sat": {"weight": 1.0, "reward": Saturation()}, "jpeg": {"weight": 2.0, "reward": jpeg}})
+    mixed = WeightedSum(components={"sat": {"weight": 1.0, "reward": Saturation()}, "jpeg": {"weight": 2.0, "reward": jpeg}})
     assert mixed.differentiable is False
     expected = Saturation()(x, PROMPTS) + 2.0 * jpeg(x, PROMPTS)
     torch.testing.assert_close(mixed(x, PROMPTS), expected)
-    assert WeightedSum({"sat": {"weight": 3.0, "reward": Saturation()}}).differentiable is True
+    assert WeightedSum(components={"sat": {"weight": 3.0, "reward": Saturation()}}).differentiable is True
 
 
 def test_weighted_default_is_half_aesthetic_plus_7_5_hps(built):
@@ -129,9 +138,9 @@ def test_weighted_default_is_half_aesthetic_plus_7_5_hps(built):
 def test_gradient_checkpointing_recomputes_and_keeps_gradients(standin, name):
     results = {}
     for checkpointing in (False, True):
-        reward = CLASSES[name](**standin(name), gradient_checkpointing=checkpointing)
+        reward = make(name, **standin(name), gradient_checkpointing=checkpointing)
         calls = []
-        handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in reward.model.modules()
+        handles = [m.register_forward_hook(lambda *_, calls=calls: calls.append(1)) for m in reward.model.modules()
                    if isinstance(m, torch.nn.Linear)]
         x = images()
         scores = reward(x, PROMPTS)
@@ -146,13 +155,13 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(standin, name):
 
 @pytest.mark.parametrize("name", ["aesthetic", "hps", "pickscore", "imagereward"])
 def test_bf16_weights_return_float32_and_gradients(standin, name):
-    reward = CLASSES[name](**standin(name), dtype="bf16")
+    reward = make(name, **standin(name), dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in reward.model.parameters())
     x = images()
     scores = reward(x, PROMPTS)
     assert scores.dtype == torch.float32 and scores.shape == (2,) and torch.isfinite(scores).all()
     scores.sum().backward()
-    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- strict loading
@@ -198,7 +207,7 @@ def test_strict_loading_rejects_a_missing_or_extra_key(standin, tmp_path, part, 
         _rewrite_torch(str(tmp_path / "ir" / "ImageReward.pt"), tmp_path / "ir" / "ImageReward.pt", how)
         overrides["path"] = str(tmp_path / "ir")
     with pytest.raises(UserError, match="missing keys" if how == "missing" else "unexpected keys") as error:
-        CLASSES[name](**overrides)
+        make(name, **overrides)
     assert "\n" not in str(error.value)
     if how == "extra" and part != "aesthetic.clip" and part != "pickscore.clip":
         assert "extra.weight" in str(error.value)
@@ -213,13 +222,13 @@ def test_clip_checkpoints_with_old_persistent_position_ids_still_load(standin, t
     for tower, length in (("text_model", 77), ("vision_model", 50)):  # as in 2021-era CLIP checkpoints
         state[f"{tower}.embeddings.position_ids"] = torch.arange(length)[None]
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    reward = AestheticScore(path=str(folder), head=standin("aesthetic")["head"])
+    reward = make("aesthetic", path=str(folder), head=standin("aesthetic")["head"])
     assert torch.isfinite(reward(images(1), PROMPTS[:1])).all()
 
 
 @pytest.mark.skipif(not REAL_HEAD.is_file(), reason=f"real aesthetic head not found at {REAL_HEAD}")
 def test_real_aesthetic_head_loads_strictly_on_a_768_d_clip(standin):
-    reward = AestheticScore(path=standin("aesthetic")["path"], head=str(REAL_HEAD))
+    reward = make("aesthetic", path=standin("aesthetic")["path"], head=str(REAL_HEAD))
     assert reward.head.layers[0].weight.shape == (1024, 768) and reward.head.layers[7].weight.shape == (1, 16)
     real = torch.load(REAL_HEAD, map_location="cpu", weights_only=True)  # saved from CUDA
     assert set(real) == set(reward.head.state_dict())
@@ -228,7 +237,7 @@ def test_real_aesthetic_head_loads_strictly_on_a_768_d_clip(standin):
     scores = reward(x, PROMPTS)
     assert torch.isfinite(scores).all()
     scores.sum().backward()
-    assert x.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_imagereward_standin_uses_the_original_checkpoint_layout(standin):
@@ -254,7 +263,7 @@ def test_imagereward_standin_uses_the_original_checkpoint_layout(standin):
 
 
 def test_imagereward_settings_strict_loading_cannot_catch(standin):
-    reward = ImageReward(**standin("imagereward"))
+    reward = make("imagereward", **standin("imagereward"))
     assert reward.model.vision_model.config.layer_norm_eps == 1e-6
     assert reward.model.text_model.config.num_attention_heads == 12
     assert reward.model.text_model.pooler is None
@@ -284,7 +293,7 @@ def test_missing_weights_offline_fail_fast_with_hub_id_and_config_key(monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
     with pytest.raises(UserError) as error:
-        CLASSES[name](cache_dir=str(tmp_path), **kwargs)
+        make(name, cache_dir=str(tmp_path), **kwargs)
     assert time.perf_counter() - start < 5
     message = str(error.value)
     assert hub_id in message and key in message and "\n" not in message
@@ -298,7 +307,7 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch, tmp_path, name)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"cannot get hub .*hf download .*reward\.path="):
-        CLASSES[name](cache_dir=str(tmp_path))
+        make(name, cache_dir=str(tmp_path))
     assert time.perf_counter() - start < 5  # the hub client's own retries would take ~25 s
 
 
@@ -307,9 +316,9 @@ def test_missing_head_names_the_head_key(monkeypatch, standin, tmp_path):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"trl-lib/ddpo-aesthetic-predictor aesthetic-model.pth.*reward\.head="):
-        AestheticScore(path=standin("aesthetic")["path"], cache_dir=str(tmp_path))
+        make("aesthetic", path=standin("aesthetic")["path"], cache_dir=str(tmp_path))
     with pytest.raises(UserError, match=r"is not an existing file.*reward\.head="):
-        AestheticScore(path=standin("aesthetic")["path"], head=str(tmp_path / "nope.pth"))
+        make("aesthetic", path=standin("aesthetic")["path"], head=str(tmp_path / "nope.pth"))
 
 
 # ---------------------------------------------------------------- toy world and tokenizers
@@ -318,16 +327,16 @@ def test_missing_head_names_the_head_key(monkeypatch, standin, tmp_path):
 def test_clip_classes_serve_the_toy_clip_with_its_own_preprocessing(tmp_path):
     toy = write_clip_folder(str(tmp_path / "toy_clip"), projection_dim=64, image_size=32, patch_size=4, tokenizer=True)
     head = write_head(str(tmp_path / "toy_head.safetensors"), 64)
-    clip_score = ClipScore(path=toy, processor_path=None)
-    aesthetic = AestheticScore(path=toy, head=head)
+    clip_score = make("toy_clipscore", path=toy, processor_path=None)
+    aesthetic = make("aesthetic", path=toy, head=head)
     for reward in (clip_score, aesthetic):
         assert (reward.preprocess.size, reward.preprocess.crop_size) == (32, 32)
         x = images(3, 40, 32)
         scores = reward(x, ["a red square on a blue background"] * 3)
         assert scores.shape == (3,) and torch.isfinite(scores).all()
         scores.sum().backward()
-        assert x.grad.abs().sum() > 0
-    overridden = ClipScore(path=toy, processor_path=None, image_size=48, crop_size=40, mean=[0.5] * 3, std=[0.5] * 3)
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    overridden = make("toy_clipscore", path=toy, processor_path=None, image_size=48, crop_size=40, mean=[0.5] * 3, std=[0.5] * 3)
     assert overridden.preprocess == type(overridden.preprocess)(48, 40, (0.5,) * 3, (0.5,) * 3)
 
 
@@ -375,7 +384,7 @@ def _reference_processors(built, standin):
         transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     ])
     clip_folders = {"aesthetic": standin("aesthetic")["path"], "pickscore": standin("pickscore")["processor_path"]}
-    references = {
+    references: dict[str, tuple[str, Any]] = {
         f"{name} ({cls.__name__})": (name, processor(cls, folder))
         for name, folder in clip_folders.items()
         for cls in (CLIPImageProcessorPil, CLIPImageProcessor)

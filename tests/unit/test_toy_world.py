@@ -1,6 +1,8 @@
 """Fast checks of the embedded toy world on its real, committed weights (CPU, seconds each)."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -52,7 +54,7 @@ def test_tokenizer_makes_every_caption_word_one_token(folder):
 
 
 def test_clip_folder_is_ordinary_and_scores_matching_captions_highest():
-    model = CLIPModel.from_pretrained(assets.CLIP_DIR).eval()
+    model: Any = CLIPModel.from_pretrained(assets.CLIP_DIR).eval()
     tok = CLIPTokenizer.from_pretrained(assets.CLIP_DIR)
     proc = CLIPImageProcessor.from_pretrained(assets.CLIP_DIR)
     assert proc.crop_size == {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
@@ -64,12 +66,12 @@ def test_clip_folder_is_ordinary_and_scores_matching_captions_highest():
 
 
 def test_pipeline_folder_loads_and_samples_a_32px_image():
-    pipe = StableDiffusionPipeline.from_pretrained(assets.PIPELINE_DIR)
+    pipe: Any = StableDiffusionPipeline.from_pretrained(assets.PIPELINE_DIR)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.scaling_factor == 1.0
     assert {k: pipe.scheduler.config[k] for k in NOISE_SCHEDULE} == NOISE_SCHEDULE
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and not pipe.scheduler.config.clip_sample
-    out = pipe(["a large red circle on a white background"], num_inference_steps=3, guidance_scale=4.0,
+    out: Any = pipe(["a large red circle on a white background"], num_inference_steps=3, guidance_scale=4.0,
                generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert out.shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE)
     assert torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1 and out.std() > 0.01

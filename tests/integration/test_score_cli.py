@@ -69,7 +69,7 @@ def test_json_prompt_map_gives_the_same_scores_as_the_text_file(folder, capsys):
     [
         ("empty", "no .png/.jpg images"),
         ("mismatch", "has 2 prompts for 3 images"),
-        ("unknown", "unknown reward 'nope'; valid: aesthetic, hps, imagereward, jpeg_compressibility"),
+        ("unknown", "unknown reward 'nope'; choose one of: aesthetic, hps, imagereward, jpeg_compressibility"),
         ("no_weights", "hf download yuvalkirstain/PickScore_v1"),
         ("bad_key", "reward.nokey"),
     ],

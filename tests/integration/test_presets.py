@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, compose_config
+from helpers import ROOT, SHARED_DATA, build_run
 from rewards.standins import hydra_overrides, write_standin
-from rlr_cli.build import build
 from rlr_cli.trainer import Trainer
 
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -41,7 +40,7 @@ def test_preset_runs_two_steps_on_the_toy_model(preset, tmp_path, monkeypatch):
     extra = hydra_overrides(write_standin(reward, tmp_path / "weights")) if reward else []
     if "ddpo" in preset:
         extra += ["estimator.train_batch_size=2", "estimator.grad_accum=1"]
-    run = build(compose_config(f"experiment={preset}", *SMALL, *extra))
+    run = build_run(f"experiment={preset}", *SMALL, *extra)
     result = Trainer(run, tmp_path / "run").train()
     lines = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result["step"] == 2 and len(lines) == 2

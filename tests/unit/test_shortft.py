@@ -6,54 +6,52 @@ gradients go, how many UNet calls a rollout makes and what gets saved, not that 
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import compose_config, rlr_train
+from helpers import ROOT, compose_config
 from rewards.simple import Saturation
-from rlr_cli.build import instantiate_node, validate
+from rlr_cli.build import component, instantiate
+from rlr_cli.config import validate
 from rlr_cli.errors import UserError
-from rlr_cli.estimators.shortft import ShortFT
-from rlr_cli.policy import LORA_WEIGHTS, DiffusionPolicy
+from rlr_cli.estimators.checks import estimate
+from rlr_cli.lora import WEIGHTS
 from rlr_cli.sampling import DDIMChain
 from rlr_cli.shortcut import SHORTCUT_ADAPTER, ShortcutChain
-from rlr_cli.tiny import ensure_tiny_shortcut
 
-TRAINABLE = dict(rank=4, alpha=4, init="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 PROMPTS = ["a cat", "a dog"]
 
 
-def make_policy(path: str, **overrides) -> DiffusionPolicy:
+def make_policy():
     torch.manual_seed(0)
-    options = dict(path=path, num_steps=6, eta=1.0, guidance_scale=5.0, lora=TRAINABLE) | overrides
-    return DiffusionPolicy(**options)
+    return component("model=tiny", "model.num_steps=6", "model.eta=1.0", "model.guidance_scale=5.0")
+
+
+def shortft(*overrides: str):
+    """ShortFT with the tiny model's stand-in shortcut (a random rank-8 LoRA of the tiny UNet in diffusers
+    format, built into the cache: a plumbing stand-in, not a shortcut)."""
+    return component("estimator=shortft_tiny", "model=tiny", *overrides)
 
 
 @pytest.fixture(scope="module")
-def standin_shortcut(tiny_path) -> str:
-    """A random rank-8 LoRA of the tiny UNet in diffusers format (plumbing stand-in, not a shortcut)."""
-    return ensure_tiny_shortcut(os.environ["RLR_CACHE_DIR"])
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_path) -> DiffusionPolicy:
+def policy(tiny_path):
     """One tiny policy for the module; each test's ShortFT attaches its shortcut anew (replacing the last)."""
-    return make_policy(tiny_path)
+    return make_policy()
 
 
 def shortcut_params(policy):
-    return {n: p for n, p in policy.unet.named_parameters() if f".{SHORTCUT_ADAPTER}." in n}
+    return {n: p for n, p in policy.family.denoiser.named_parameters() if f".{SHORTCUT_ADAPTER}." in n}
 
 
-def test_gradient_reaches_the_trainable_lora_and_not_the_shortcut(policy, standin_shortcut):
-    policy.unet.zero_grad(set_to_none=True)
-    estimator = ShortFT(k=3, shortcut_path=standin_shortcut)
-    out = estimator(policy, Saturation(), PROMPTS, torch.Generator().manual_seed(0))
-    out.loss.backward()
+def run(estimator, policy, prompts=PROMPTS, seed=0):
+    return estimate(estimator, policy, Saturation(), prompts, torch.Generator().manual_seed(seed))
+
+
+def test_gradient_reaches_the_trainable_lora_and_not_the_shortcut(policy):
+    policy.family.denoiser.zero_grad(set_to_none=True)
+    run(shortft("estimator.k=3"), policy)
     frozen = shortcut_params(policy)
     assert len(frozen) == 2 * (16 + 4 + 8)  # lora_A, lora_B of to_q, to_v (8 attentions), proj_in (4), conv1 (8)
     assert all(not p.requires_grad and p.grad is None for p in frozen.values())
@@ -64,26 +62,25 @@ def test_gradient_reaches_the_trainable_lora_and_not_the_shortcut(policy, standi
 
 
 @pytest.mark.parametrize("long_steps", [0, 2])
-def test_gradient_matches_a_finite_difference(policy, standin_shortcut, long_steps):
+def test_gradient_matches_a_finite_difference(policy, long_steps):
     """d loss / d theta along a random direction, against a central difference of the same (seeded) rollout.
 
     long_steps = 2 mixes in two long-chain steps without the shortcut: the checkpointed UNet calls are
     recomputed in backward, so each must re-activate its own adapters for this to hold.
     """
-    estimator = ShortFT(k=2, shortcut_path=standin_shortcut, long_steps=long_steps, guidance_scale=1.0)
+    estimator = shortft("estimator.k=2", f"estimator.long_steps={long_steps}", "estimator.guidance_scale=1.0")
     params = policy.trainable_parameters()
     direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
-
-    def loss() -> torch.Tensor:
-        return estimator(policy, Saturation(), PROMPTS[:1], torch.Generator().manual_seed(3)).loss
-
-    analytic = sum((g * d).sum() for g, d in zip(torch.autograd.grad(loss(), params), direction)).item()
+    for p in params:
+        p.grad = None
+    run(estimator, policy, PROMPTS[:1], seed=3)
+    analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, direction) if p.grad is not None)
     h, values = 1e-3, []
     for sign in (1, -1):
         with torch.no_grad():
             for p, d in zip(params, direction):
                 p.add_(sign * h * d)
-        values.append(loss().item())
+        values.append(run(estimator, policy, PROMPTS[:1], seed=3).loss)
         with torch.no_grad():
             for p, d in zip(params, direction):
                 p.sub_(sign * h * d)
@@ -94,43 +91,42 @@ def test_gradient_matches_a_finite_difference(policy, standin_shortcut, long_ste
 
 def count_unet_calls(policy):
     calls = []
-    forward = policy.unet.forward
+    unet = policy.family.unet
+    forward = unet.forward
 
     def counted(sample, *args, **kwargs):
         calls.append(sample.shape[0])
         return forward(sample, *args, **kwargs)
 
-    policy.unet.forward = counted
+    unet.forward = counted
     return calls, forward
 
 
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
-def test_a_training_rollout_makes_k_unet_calls(policy, standin_shortcut, guidance):
-    estimator = ShortFT(k=3, shortcut_path=standin_shortcut, guidance_scale=guidance)
+def test_a_training_rollout_makes_k_unet_calls(policy, guidance):
+    estimator = shortft("estimator.k=3", f"estimator.guidance_scale={guidance}")
     chain = estimator.attach(policy)
     calls, forward = count_unet_calls(policy)
     try:
-        with policy.sampling_with(chain, estimator.adapters_at, estimator.guidance_scale):
-            rollout = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0), grad_steps=range(3))
+        rollout = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0), grad_steps=range(3), chain=chain)
         batch = len(PROMPTS) * (2 if guidance != 1.0 else 1)  # CFG batches the unconditional and text passes
         assert calls == [batch] * 3 and rollout.num_steps == 3
         calls.clear()
-        estimator(policy, Saturation(), PROMPTS, torch.Generator().manual_seed(0))
+        run(estimator, policy)
         assert calls == [batch] * 6  # 3 in the rollout + 3 recomputed by the per-call checkpoints in backward
     finally:
-        policy.unet.forward = forward
+        policy.family.unet.forward = forward
 
 
-def test_long_chain_samples_and_saved_adapter_ignore_the_shortcut(tiny_path, standin_shortcut, tmp_path):
-    plain, policy = make_policy(tiny_path), make_policy(tiny_path)  # equal weights (seeded LoRA init)
+def test_long_chain_samples_and_saved_adapter_ignore_the_shortcut(tiny_path, tmp_path):
+    plain, policy = make_policy(), make_policy()  # equal weights (seeded LoRA init)
 
     def long_chain(p):
         with torch.no_grad():
             return p.sample(PROMPTS, generator=torch.Generator().manual_seed(7)).final
 
     before = long_chain(policy)
-    estimator = ShortFT(k=3, shortcut_path=standin_shortcut)
-    out = estimator(policy, Saturation(), PROMPTS, torch.Generator().manual_seed(0))
+    out = run(shortft("estimator.k=3"), policy)
     assert out.rewards.shape == (2,)
     assert policy.num_steps == 6 and policy.guidance_scale == 5.0
     assert torch.equal(long_chain(policy), before) and torch.equal(before, long_chain(plain))
@@ -139,21 +135,20 @@ def test_long_chain_samples_and_saved_adapter_ignore_the_shortcut(tiny_path, sta
     plain.save_adapter(str(tmp_path / "plain"))
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "with" / LORA_WEIGHTS))
-    reference = load_file(str(tmp_path / "plain" / LORA_WEIGHTS))
+    saved = load_file(str(tmp_path / "with" / WEIGHTS))
+    reference = load_file(str(tmp_path / "plain" / WEIGHTS))
     assert sorted(saved) == sorted(reference) and len(saved) == len(policy.trainable_parameters())
     assert all(torch.equal(saved[k], reference[k]) for k in saved)
     assert not any(SHORTCUT_ADAPTER in key for key in saved)
 
 
-def test_the_shortcut_changes_the_training_rollout(policy, standin_shortcut):
+def test_the_shortcut_changes_the_training_rollout(policy):
     """Same noise and k-step chain with and without the shortcut adapter: different images."""
-    estimator = ShortFT(k=3, shortcut_path=standin_shortcut)
-    chain = estimator.attach(policy)
+    chain = shortft("estimator.k=3").attach(policy)
     finals = []
-    for adapters in (estimator.adapters_at, lambda i: ()):
-        with torch.no_grad(), policy.sampling_with(chain, adapters):
-            finals.append(policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0)).final)
+    for each in (chain, chain.without_adapter()):
+        with torch.no_grad():
+            finals.append(policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0), chain=each).final)
     assert (finals[0] - finals[1]).abs().max() > 1e-3
 
 
@@ -162,9 +157,10 @@ def test_chain_steps_match_the_diffusers_schedulers(tiny_path, rule, gamma):
     """ShortcutChain's x_next = mean + std z equals TCDScheduler / LCMScheduler / DDIM(trailing).step with the same z."""
     from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
-    base = DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler")
+    base: Any = DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler")
     chain = ShortcutChain(DDIMChain(DDIMScheduler.from_config(base.config), 50, 1.0), 4, rule, "scheduler", gamma,
                           scheduler_config=base.config)
+    reference: Any  # diffusers annotates from_config as maybe returning a tuple
     if rule == "ddim":
         reference = DDIMScheduler.from_config(base.config, timestep_spacing="trailing")
     else:
@@ -175,11 +171,12 @@ def test_chain_steps_match_the_diffusers_schedulers(tiny_path, rule, gamma):
     for i, t in enumerate(reference.timesteps):
         eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + i))
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i))
-        kwargs = {"eta": gamma} if rule == "tcd" else {"eta": 0.0} if rule == "ddim" else {}
+        kwargs: dict[str, Any] = {"eta": gamma} if rule == "tcd" else {"eta": 0.0} if rule == "ddim" else {}
         if rule != "ddim":
             kwargs["generator"] = torch.Generator().manual_seed(100 + i)
         expected = reference.step(eps, t, x, **kwargs).prev_sample
-        ours = chain.mean(i, x, eps) + chain.std(i) * z
+        steps = torch.full((2,), i)
+        ours = chain.mean(steps, x, eps) + float(chain.std(steps)[0]) * z
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
         x = expected
 
@@ -207,35 +204,20 @@ def test_sd15_shortcut_configs_compose_and_fail_offline_with_one_clear_line(opti
     node = plain["estimator"]
     assert node["shortcut_hub_id"] == SD_SHORTCUTS[option] and node["shortcut_path"] is None
     with pytest.raises(UserError) as error:
-        instantiate_node(node)
+        instantiate(node, "estimator")
     message = str(error.value)
     assert "\n" not in message and SD_SHORTCUTS[option] in message and "estimator.shortcut_path=" in message
 
 
 def test_missing_local_shortcut_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="estimator.shortcut_path=.*no such file"):
-        ShortFT(shortcut_path=str(tmp_path / "nope"))
+        component("estimator=shortft", f"estimator.shortcut_path={tmp_path / 'nope'}")
 
 
 def test_a_shortcut_of_another_model_is_a_user_error(tiny_path):
     """The toy shortcut on the tiny UNet: one clear line, not a peft traceback."""
-    toy_shortcut = Path(__file__).resolve().parent.parent / "rlr_cli" / "assets" / "toy" / "shortcut"
+    toy_shortcut = ROOT / "rlr_cli" / "assets" / "toy" / "shortcut"
     if not toy_shortcut.exists():
         pytest.skip("no toy shortcut in this checkout")
     with pytest.raises(UserError, match="does not fit this model's UNet"):
-        ShortFT(shortcut_path=str(toy_shortcut)).attach(make_policy(tiny_path))
-
-
-def test_rlr_train_runs_shortft_on_the_tiny_model(tmp_path):
-    """The plain command with the tiny stand-in config (random LoRA built into the cache on first use)."""
-    run_dir = tmp_path / "run"
-    rlr_train("model=tiny", "estimator=shortft_tiny", "trainer.max_steps=2", "trainer.batch_size=2",
-              "trainer.eval_every=2", "trainer.eval_prompts=2", "logger=none", run_dir=run_dir)
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [line for line in lines if "loss" in line]
-    assert len(train) == 2 and all(line["shortcut_steps"] == 3 and line["grad_norm"] > 0 for line in train)
-    from safetensors.torch import load_file
-
-    keys = list(load_file(str(run_dir / "adapter" / LORA_WEIGHTS)))
-    assert keys and not any(SHORTCUT_ADAPTER in key for key in keys)
-    assert len(keys) == 2 * 4 * 8  # lora_A + lora_B of to_q, to_k, to_v, to_out.0 in the tiny UNet's 8 attentions
+        component("estimator=shortft", f"estimator.shortcut_path={toy_shortcut}").attach(make_policy())

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, rlr_train
+from helpers import ROOT, rlr_train
 
 SMALL = ["trainer.batch_size=2", "logger=none", "model.num_steps=5", "trainer.eval_every=0"]
 

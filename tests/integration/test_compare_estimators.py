@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 SMALL = ["model.num_steps=4", "trainer.batch_size=2", "trainer.eval_prompts=4", "trainer.eval_batch_size=4"]
 

@@ -1,0 +1,132 @@
+"""Estimators against a known gradient (ESTIMATORS.md, "How to check an estimator").
+
+Linear-Gaussian chain (T = 12, sigma 0.6 -> 0.05, closed-form grad J): the unbiased estimators' relative
+bias lies within 3 standard errors of 0, the biased ones' beyond 5. Tiny UNet chain (the tiny
+SD-shaped pipeline): the reference is the mean of many full-backprop gradients. SE: see checks.py.
+Estimators are built from their configs, as rlr-train builds them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlr_cli.build import component
+from rlr_cli.estimators.checks import bias_statistics, draw_estimates, projected_bias
+from rlr_cli.estimators.linear_gaussian import default_problem
+
+PROMPTS = ["a", "b", "c", "d"] * 8  # B = 32, 8 samples per prompt (leave-one-out per prompt)
+
+
+def ddpo_on_policy(batch: int):
+    """DDPO reduced to the plain on-policy likelihood-ratio estimator of grad J."""
+    return component("estimator=ddpo", "estimator.num_inner_epochs=1", f"estimator.train_batch_size={batch}",
+                     "estimator.grad_accum=1", "estimator.clip_range=null", "estimator.advantages=leave_one_out",
+                     "estimator.log_prob_reduce=sum", "estimator.timestep_reduce=sum", f"trainer.batch_size={batch}")
+
+
+def rlr(*overrides: str):
+    """RLR with the published fo_steps 1 unless overridden."""
+    return component("estimator=rlr", "estimator.fo_steps=1", *overrides)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.set_num_threads(1)
+    policy, reward = default_problem()
+    exact = torch.cat([g.flatten() for g in policy.exact_gradient(reward)])
+    return policy, reward, exact
+
+
+def test_closed_form_matches_monte_carlo(problem):
+    """J in closed form equals the mean reward of 40k sampled trajectories (within 4 SE)."""
+    policy, reward, _ = problem
+    with torch.no_grad():
+        rollout = policy.sample(["a"] * 40_000, generator=torch.Generator().manual_seed(1))
+        r = reward(rollout.final, rollout.prompts)
+    exact = policy.exact_objective(reward).item()
+    assert abs(r.mean().item() - exact) < 4 * r.std().item() / 200
+
+
+UNBIASED = {
+    "full_bp": (lambda T: component("estimator=full_bp"), 300),
+    "rlr_h1": (lambda T: rlr("estimator.h=1"), 800),
+    "rlr_h2": (lambda T: rlr("estimator.h=2"), 800),
+    "rlr_h4": (lambda T: rlr("estimator.h=4"), 800),
+    "rlr_h2_param": (lambda T: rlr("estimator.h=2", "estimator.zo.mode=param"), 800),
+    "rlr_h2_zo3": (lambda T: rlr("estimator.h=2", "estimator.zo.steps=3"), 800),  # a weighted random subset of ZO
+    "rlr_h2_none_covering": (lambda T: rlr("estimator.h=2", f"estimator.fo_steps={T - 2}", "estimator.zo.mode=none"), 300),
+    "rlr_k3_batch_loo": (lambda T: rlr("estimator.h=2", "estimator.fo_steps=3", "estimator.baseline=leave_one_out_batch"), 800),
+    "ddpo_onpolicy": (lambda T: ddpo_on_policy(len(PROMPTS)), 300),
+}
+
+
+@pytest.mark.parametrize("name", list(UNBIASED))
+def test_unbiased_on_linear_gaussian(problem, name):
+    policy, reward, exact = problem
+    make, n = UNBIASED[name]
+    estimates, _, _ = draw_estimates(make(policy.num_steps), policy, reward, PROMPTS, n, seed=7)
+    stats = bias_statistics(estimates, exact)
+    assert stats["rel_bias"] < 3 * stats["rel_bias_se"], stats
+    assert stats["rel_bias_se"] < 0.35, f"too few draws to say anything: {stats}"  # the test has power
+
+
+BIASED = {
+    "truncated_bp_k1": lambda T: component("estimator=truncated_bp", "estimator.k=1"),
+    "rlr_zo_none": lambda T: rlr("estimator.h=1", "estimator.zo.mode=none"),  # drops the ZO transitions
+    "draft_lv": lambda T: component("estimator=draft_lv", "estimator.n=2"),
+}
+
+
+@pytest.mark.parametrize("name", list(BIASED))
+def test_biased_on_linear_gaussian(problem, name):
+    policy, reward, exact = problem
+    estimates, _, _ = draw_estimates(BIASED[name](policy.num_steps), policy, reward, PROMPTS, 200, seed=7)
+    stats = bias_statistics(estimates, exact)
+    assert stats["rel_bias"] > 5 * stats["rel_bias_se"], stats
+
+
+# ---- tiny UNet chain ---------------------------------------------------------------------------------
+# The tiny SD-shaped pipeline: T = 4 DDIM steps (eta 1: sigma 0.78, 0.52, 0.041, 0.021), 16 px, LoRA
+# r=2 (gaussian init), saturation reward, B = 16. The reference is the mean of 60 full-backprop
+# gradients; bias is measured along the reference's direction (checks.projected_bias), where the
+# likelihood-ratio noise of ~5k LoRA weights is small enough to test in seconds. RLR runs with
+# fo_steps = 2: a likelihood ratio at sigma 0.04 / 0.02 has a variance no CPU test can average away.
+TINY_BATCH, TINY_REFERENCE = 16, 60
+TINY_MODEL = ("model=tiny", "model.num_steps=4", "model.eta=1.0", "model.guidance_scale=1.0", "model.resolution=16",
+              "model.gradient_checkpointing=false", "model.lora.rank=2", "model.lora.alpha=2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    from rewards.simple import Saturation
+
+    torch.set_num_threads(1)
+    policy = component(*TINY_MODEL)
+    reward = Saturation()
+    prompts = ["a red circle", "a blue square"] * (TINY_BATCH // 2)
+    reference, _, _ = draw_estimates(component("estimator=full_bp"), policy, reward, prompts, TINY_REFERENCE, seed=100)
+    return policy, reward, prompts, reference
+
+
+TINY_UNBIASED = {
+    "full_bp": (lambda: component("estimator=full_bp"), 30),
+    "rlr_k2_h1": (lambda: rlr("estimator.h=1", "estimator.fo_steps=2"), 60),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_UNBIASED))
+def test_unbiased_on_tiny_unet(tiny, name):
+    policy, reward, prompts, reference = tiny
+    make, n = TINY_UNBIASED[name]
+    estimates, _, _ = draw_estimates(make(), policy, reward, prompts, n, seed=1)
+    stats = projected_bias(estimates, reference)
+    assert abs(stats["rel_bias_v"]) < 3 * stats["rel_bias_v_se"], stats
+    assert stats["rel_bias_v_se"] < 0.5, f"too few draws to say anything: {stats}"
+
+
+def test_truncated_bp_biased_on_tiny_unet(tiny):
+    policy, reward, prompts, reference = tiny
+    estimates, _, _ = draw_estimates(component("estimator=truncated_bp", "estimator.k=1"), policy, reward, prompts,
+                                     20, seed=1)
+    stats = projected_bias(estimates, reference)
+    assert abs(stats["rel_bias_v"]) > 5 * stats["rel_bias_v_se"], stats

@@ -1,0 +1,67 @@
+"""Every option of every config group composes, resolves and binds its `_target_` signature, and the
+defaults of every option live in its YAML file alone."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from helpers import ROOT, compose_config
+from rlr_cli.config import import_target, is_node, validate
+from rlr_cli.errors import UserError
+
+CONFIG_DIR = ROOT / "configs"
+
+
+def discover() -> list[str]:
+    """group=option overrides for every YAML below configs/ (recursively), except Hydra's own groups."""
+    found = []
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        group = path.parent.relative_to(CONFIG_DIR).as_posix()
+        if group != "." and not group.startswith("hydra"):
+            found.append(f"{group}={path.stem}")
+    return found
+
+
+OPTIONS = discover()
+
+
+def test_discovery_finds_every_group():
+    groups = {option.split("=")[0] for option in OPTIONS}
+    assert {"model", "reward", "estimator", "prompts", "optimizer", "trainer", "logger", "setup", "recipe"} <= groups
+    assert len(OPTIONS) >= 14
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_option_composes_and_binds(option):
+    plain = validate(compose_config(option), across_groups=False)
+    group, name = option.split("=")
+    if group in ("model", "reward", "estimator", "prompts", "optimizer", "trainer", "logger"):
+        assert plain[group]["_target_"]
+
+
+def nodes(tree, where=""):
+    if is_node(tree):
+        yield where, tree
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        yield from nodes(value, f"{where}.{key}" if where else str(key))
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.split("=")[0] not in ("experiment", "setup", "recipe")])
+def test_defaults_live_in_the_yaml_alone(option):
+    """No option of a project class has a Python default: the YAML file is its one source."""
+    plain = validate(compose_config(option), across_groups=False)
+    group = option.split("=")[0]
+    for where, node in nodes(plain[group] if group in plain else plain, group):
+        target = import_target(node["_target_"], where)
+        if not target.__module__.startswith(("rlr_cli.", "rewards.")):
+            continue
+        defaults = [name for name, p in inspect.signature(target).parameters.items()
+                    if p.default is not inspect.Parameter.empty and name in node]
+        assert not defaults, f"{where}: {node['_target_']} has Python defaults for {defaults}"
+
+
+def test_validation_rejects_a_wrong_type():
+    with pytest.raises(UserError, match="trainer.batch_size: expected int"):
+        validate(compose_config("trainer.batch_size=four"))

@@ -1,0 +1,137 @@
+"""Estimator mechanics (their statistics are in tests/statistical): baselines, DDPO's tracker and its
+batches, rlr_official's two phases, ReFL's stop step, and DDPO's one denoiser call per timestep slot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rewards.simple import Saturation
+from rlr_cli.build import component
+from rlr_cli.estimators.checks import estimate, flat_gradient
+from rlr_cli.estimators.common import leave_one_out_mean
+from rlr_cli.estimators.ddpo import PerPromptStatTracker
+from rlr_cli.estimators.linear_gaussian import default_problem
+
+PROMPTS = ["a", "b", "c", "d"] * 2
+
+
+@pytest.fixture
+def problem():
+    return default_problem()
+
+
+def backward(term):
+    term.backward()
+
+
+def test_leave_one_out_baseline_excludes_the_sample():
+    u = torch.tensor([1.0, 3.0, 5.0, 10.0])
+    assert torch.allclose(leave_one_out_mean(u, ["p", "p", "p", "q"]), torch.tensor([4.0, 3.0, 2.0, 3.0]))
+    assert torch.allclose(leave_one_out_mean(u, None), (u.sum() - u) / 3)
+
+
+def test_ddpo_stat_tracker_matches_ddpo_pytorch_and_round_trips():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0]).numpy()
+    adv = tracker.update(["x", "x", "y", "y"], rewards)  # short history: batch statistics
+    assert adv == pytest.approx((rewards - rewards.mean()) / (rewards.std() + 1e-6))
+    adv = tracker.update(["x", "x", "y", "y"], rewards)  # 4 rewards of x now: its own statistics
+    x = [1.0, 2.0, 1.0, 2.0]
+    assert adv[:2] == pytest.approx((rewards[:2] - 1.5) / (torch.tensor(x).std(unbiased=False).item() + 1e-6))
+    clone = PerPromptStatTracker(buffer_size=4, min_count=3)
+    clone.load_state_dict(tracker.state_dict())
+    assert clone.update(["y"], rewards[2:3]) == pytest.approx(tracker.update(["y"], rewards[2:3]))
+
+
+def test_ddpo_collects_once_for_its_inner_epochs_and_ppo_metrics(problem):
+    """2 inner epochs x 2 steps per pass: one collected batch, 4 updates; off-policy ones clip; state is JSON."""
+    policy, reward = problem
+    ddpo = component("estimator=ddpo", "estimator.num_inner_epochs=2", "estimator.train_batch_size=4",
+                     "estimator.grad_accum=2", "estimator.stat_buffer_size=8", "estimator.stat_min_count=2")
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1e-3)
+    updates = ddpo.collect(policy, reward, ["a", "b"] * 8, torch.Generator().manual_seed(0))
+    assert len(updates) == 4
+    sampled = []
+    for update in updates:
+        optimizer.zero_grad()
+        out = ddpo.update(policy, reward, update, backward)
+        optimizer.step()
+        sampled.append(out.metrics["sampled"])
+    assert sampled == [1.0, 0.0, 0.0, 0.0]
+    assert out.metrics["clipfrac"] > 0 and out.metrics["approx_kl"] > 0  # later updates are off-policy
+    assert json.loads(json.dumps(ddpo.state_dict()))["stat_tracker"].keys() == {"a", "b"}
+
+
+def test_rlr_official_trains_each_batch_with_an_fo_then_an_ho_step(problem):
+    policy, reward = problem
+    est = component("estimator=rlr_official", "estimator.chain_len=2", "estimator.target=null")
+    fo, ho = est.collect(policy, reward, PROMPTS, torch.Generator().manual_seed(0))
+    first = est.update(policy, reward, fo, backward)
+    second = est.update(policy, reward, ho, backward)
+    assert first.metrics["phase_ho"] == 0.0 and second.metrics["phase_ho"] == 1.0
+    assert len(set(ho.ho_steps)) == 2 and max(ho.ho_steps) < policy.num_steps - 1  # never the last step
+    assert all(torch.isfinite(p.grad).all() for p in policy.trainable_parameters())
+
+
+def test_refl_runs_and_uses_a_late_step(problem):
+    policy, reward = problem
+    est = component("estimator=refl", "estimator.last_steps=3", "estimator.target=0.0")
+    out = estimate(est, policy, reward, PROMPTS[:4], torch.Generator().manual_seed(0))
+    assert policy.num_steps - 3 <= out.metrics["stop_step"] <= policy.num_steps - 1
+    assert policy.bias.grad.abs().sum() > 0
+
+
+TINY = ("model=tiny", "model.num_steps=3", "model.eta=1.0", "model.resolution=16", "model.gradient_checkpointing=false",
+        "model.lora.rank=2", "model.lora.alpha=2")
+
+
+def ddpo_on_policy(batch: int):
+    return component("estimator=ddpo", "estimator.num_inner_epochs=1", f"estimator.train_batch_size={batch}",
+                     "estimator.grad_accum=1", "estimator.clip_range=null", "estimator.advantages=leave_one_out",
+                     "estimator.log_prob_reduce=sum", "estimator.timestep_reduce=sum", f"trainer.batch_size={batch}")
+
+
+def test_ddpo_per_sample_timesteps_match_the_plain_likelihood_ratio(tiny_path):
+    """DDPO's per-sample shuffled timesteps (each sample at its own step in one call, CFG cond included)
+    give, on-policy and unclipped, exactly sum_i mean_b(-A_b grad log p_i): nothing lost or doubled."""
+    policy = component(*TINY, "model.guidance_scale=5.0", "model.lora.target_modules=[to_q,to_k,to_v]")
+    params = policy.trainable_parameters()
+    ddpo = ddpo_on_policy(batch=4)
+    (update,) = ddpo.collect(policy, Saturation(), ["a", "b", "a", "b"], torch.Generator().manual_seed(0))
+    ddpo.update(policy, Saturation(), update, backward)
+    grouped = flat_gradient(params)
+    for p in params:
+        p.grad = None
+    rollout, adv = update.batch.rollout, update.batch.advantages
+    direct = torch.stack([-(adv * policy.step_log_prob(rollout, i, reduce="sum")).mean() for i in range(3)]).sum()
+    direct.backward()
+    expected = flat_gradient(params)
+    # float32 UNet calls on a batch of mixed steps vs one step at a time, and ratio = exp(new - old) ~ 1
+    relative = (grouped - expected).norm() / expected.norm()
+    assert expected.norm() > 0 and relative < 1e-3, relative
+
+
+def test_a_ddpo_sub_batch_makes_one_denoiser_call_per_timestep_slot(tiny_path):
+    """Each slot's samples sit at different (shuffled) transitions, yet run in one UNet call (x 2 with CFG)."""
+    policy = component(*TINY, "model.guidance_scale=1.0")
+    ddpo = component("estimator=ddpo", "estimator.train_batch_size=4", "estimator.grad_accum=1",
+                     "estimator.num_inner_epochs=1", "trainer.batch_size=4")
+    (update,) = ddpo.collect(policy, Saturation(), ["a", "b", "c", "d"], torch.Generator().manual_seed(0))
+    (idx, times), = update.sub_batches
+    assert len({tuple(times[:, slot].tolist()) for slot in range(3)}) > 1 and len(set(times[:, 0].tolist())) > 1
+    calls = []
+    unet, forward = policy.family.unet, policy.family.unet.forward
+
+    def counted(sample, timestep, *args, **kwargs):
+        calls.append(timestep.tolist())
+        return forward(sample, timestep, *args, **kwargs)
+
+    unet.forward = counted
+    try:
+        ddpo.update(policy, Saturation(), update, backward)
+    finally:
+        unet.forward = forward
+    chain = policy.chain
+    assert calls == [chain.timesteps[times[:, slot]].tolist() for slot in range(3)]  # one call per slot
