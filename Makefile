@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test venv clean
+.PHONY: train test lint venv clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,8 +16,12 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/rlr-train $(ARGS)
 
-# Every suite (unit, integration, statistical): what CI runs.
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright
+
+# Every suite (unit, integration, statistical) after the linters: what CI runs.
+test: lint
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 clean:
