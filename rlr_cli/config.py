@@ -29,8 +29,8 @@ BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "le
 
 
 def config_dir() -> Path:
-    """The checkout's top-level configs/."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The configs: rlr_cli/configs, a link to the checkout's top-level configs/ that a wheel ships as files."""
+    return (Path(__file__).parent / "configs").resolve()
 
 
 def group_options(group: str) -> list[str]:
