@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -113,13 +113,19 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{what}: cannot read weights file {path!r}: {_reason(error)}") from None
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys in one clear UserError."""
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
+                file_key: Callable[[str], str] | None = None) -> None:
+    """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys in one clear UserError.
+
+    file_key: a module key -> its name in the weights file, when the loader renamed them (the message
+    names keys as the user's file has them).
+    """
+    named = file_key or (lambda key: key)
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(named(k) for k in set(expected) - set(state))
+    unexpected = sorted(named(k) for k in set(state) - set(expected))
     mismatched = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        f"{named(k)} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
         for k in set(state) & set(expected)
         if state[k].shape != expected[k].shape
     )

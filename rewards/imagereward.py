@@ -61,6 +61,27 @@ _PREFIXES = [  # original prefix -> ours; text encoder keys are the same below t
     ("mlp.", "head."),
 ]
 _DROPPED = {"blip.text_encoder.embeddings.position_ids"}  # a buffer transformers rebuilds (non-persistent)
+_VISION_TO_ORIGINAL = [  # the inverse of _VISION_RENAMES
+    (r"^embeddings\.class_embedding$", "cls_token"),
+    (r"^embeddings\.position_embedding$", "pos_embed"),
+    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^post_layernorm\.", "norm."),
+]
+
+
+def original_key(key: str) -> str:
+    """An ImageRewardModel key -> its name in ImageReward.pt (blip.visual_encoder.*, mlp.layers.*, ...)."""
+    prefix, rest = key.split(".", 1)
+    if prefix == "vision_model":
+        for pattern, replacement in _VISION_TO_ORIGINAL:
+            rest = re.sub(pattern, replacement, rest)
+    original = {new.rstrip("."): old for old, new in _PREFIXES}.get(prefix, prefix + ".")
+    return original + rest
 
 
 def rename_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -178,7 +199,7 @@ class ImageReward:
                 f"{text.vocab_size}; set reward.tokenizer_path= to bert-base-uncased"
             )
         model = ImageRewardModel(vision, text)
-        load_strict(model, rename_checkpoint(read_state_dict(weights, what)), f"{what} {weights}")
+        load_strict(model, rename_checkpoint(read_state_dict(weights, what)), f"{what} {weights}", original_key)
         self.model = freeze(model, self.dtype)
         if gradient_checkpointing:
             checkpoint_layers(self.model.vision_model.encoder.layers)

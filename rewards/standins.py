@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
 
 import torch
 
@@ -128,35 +127,11 @@ def write_pickscore(directory: str) -> dict:
     return {"path": model, "processor_path": processor}
 
 
-_VISION_TO_ORIGINAL = [  # BlipVisionModel key -> BLIP ViT key (the inverse of imagereward's renames)
-    (r"^embeddings\.class_embedding$", "cls_token"),
-    (r"^embeddings\.position_embedding$", "pos_embed"),
-    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"^post_layernorm\.", "norm."),
-]
-
-
 def imagereward_original_keys(state: dict) -> dict:
     """ImageRewardModel state dict -> the `ImageReward.pt` layout (blip.visual_encoder.*, mlp.layers.*, ...)."""
-    original = {}
-    for key, value in state.items():
-        prefix, rest = key.split(".", 1)
-        if prefix == "vision_model":
-            for pattern, replacement in _VISION_TO_ORIGINAL:
-                rest = re.sub(pattern, replacement, rest)
-            original["blip.visual_encoder." + rest] = value
-        elif prefix == "text_model":
-            original["blip.text_encoder." + rest] = value
-        elif prefix in ("vision_proj", "text_proj"):
-            original[f"blip.{prefix}.{rest}"] = value
-        else:  # head
-            original["mlp." + rest] = value
-    return original
+    from rewards.imagereward import original_key
+
+    return {original_key(key): value for key, value in state.items()}
 
 
 def write_imagereward(directory: str) -> dict:

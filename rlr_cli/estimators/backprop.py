@@ -81,11 +81,16 @@ class TruncatedBackprop:
         require_differentiable(run, "truncated_bp")
 
     def _draw_k(self, generator: torch.Generator, num_steps: int) -> int:
+        """uniform: K in [k_min, k_max], at most T. gaussian: AlignProp's rule (sd_pipeline.py): the stop step
+        int(N(T - k_mean, k_std)) is redrawn until it lies in [1, T - 1]; K = T - stop."""
         if self.distribution == "uniform":
-            k = draw(generator, self.k_min, self.k_max)
-        else:
-            k = round(self.k_mean + self.k_std * torch.randn(1, generator=generator).item())
-        return min(max(k, 1), num_steps)
+            return min(max(draw(generator, self.k_min, self.k_max), 1), num_steps)
+        if num_steps < 2:  # no stop step to draw: the whole (one-step) chain
+            return num_steps
+        stop = -1
+        while not 1 <= stop <= num_steps - 1:
+            stop = int(num_steps - self.k_mean + self.k_std * torch.randn(1, generator=generator).item())
+        return num_steps - stop
 
     def grad_steps(self, generator: torch.Generator, num_steps: int) -> list[int]:
         if self.mode == "fixed":

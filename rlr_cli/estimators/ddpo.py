@@ -135,7 +135,7 @@ class DDPO:
         if self.per_prompt_stat_tracking:
             adv = torch.as_tensor(self.tracker.update(prompts, u.double().cpu().numpy()), dtype=u.dtype)
         else:
-            adv = (u - u.mean()) / (u.std() + 1e-8)
+            adv = (u - u.mean()) / (u.std(unbiased=False) + 1e-8)  # numpy's ddof 0, as ddpo-pytorch
         return adv.to(u.device).clamp(-self.adv_clip_max, self.adv_clip_max)
 
     def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:

@@ -135,3 +135,13 @@ def test_a_ddpo_sub_batch_makes_one_denoiser_call_per_timestep_slot(tiny_path):
         unet.forward = forward
     chain = policy.chain
     assert calls == [chain.timesteps[times[:, slot]].tolist() for slot in range(3)]  # one call per slot
+
+
+def test_ddpo_batch_advantages_use_numpys_std_as_ddpo_pytorch():
+    """Without the per-prompt tracker, (r - mean) / (std + 1e-8) with numpy's ddof 0, clipped at adv_clip_max."""
+    import numpy as np
+
+    ddpo = component("estimator=ddpo", "estimator.per_prompt_stat_tracking=false", "estimator.adv_clip_max=5.0")
+    u = torch.tensor([1.0, 2.0, 4.0, 9.0])
+    expected = (u.numpy() - u.numpy().mean()) / (u.numpy().std() + 1e-8)
+    assert ddpo._advantages(u, ["a"] * 4).numpy() == pytest.approx(np.clip(expected, -5, 5), rel=1e-6)

@@ -58,6 +58,29 @@ def test_only_lora_tensors_get_gradients(tiny_path):
     assert all(policy.named_trainable_parameters()[name].grad.abs().sum() > 0 for name in with_grad)
 
 
+def alignprop_k(num_steps: int, mean: float, std: float) -> int:
+    """AlignProp's own rule (sd_pipeline.py): int(N(mean, std)) redrawn until in [1, T - 1]; grads from there on."""
+    stop = -1
+    while stop >= num_steps or stop < 1:
+        stop = int(torch.distributions.Normal(mean, std).sample().item())
+    return num_steps - stop
+
+
+def test_gaussian_truncation_draws_k_as_alignprop_does():
+    """K ~ AlignProp's distribution (T = 50, t_stop ~ N(42, 5)): the histograms of 20k draws agree, K = T never
+    occurs, and K = 1 is as rare as the Gaussian says (a clamp of round(N(8, 5)) put 9.7 % there)."""
+    estimator = component("estimator=truncated_bp", "estimator.mode=random_per_trajectory",
+                          "estimator.distribution=gaussian", "estimator.k_mean=8.0", "estimator.k_std=5.0")
+    generator, n = torch.Generator().manual_seed(0), 20_000
+    ours = torch.tensor([len(estimator.grad_steps(generator, 50)) for _ in range(n)])
+    torch.manual_seed(1)
+    theirs = torch.tensor([alignprop_k(50, 42.0, 5.0) for _ in range(n)])
+    total_variation = 0.5 * (torch.bincount(ours, minlength=51) - torch.bincount(theirs, minlength=51)).abs().sum() / n
+    assert total_variation < 0.03, total_variation
+    assert ours.min() >= 1 and ours.max() <= 49
+    assert 0.015 < (ours == 1).float().mean() < 0.04  # P(49 <= N(42, 5) < 50) = 0.026
+
+
 def test_random_truncation_draws_k_from_the_generator():
     estimator = component("estimator=truncated_bp", "estimator.mode=random_per_trajectory",
                           "estimator.distribution=uniform", "estimator.k_min=2", "estimator.k_max=5")
