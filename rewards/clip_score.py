@@ -66,8 +66,8 @@ class ClipScore:
         if gradient_checkpointing:
             checkpoint_layers(self.model.vision_model.encoder.layers)
             checkpoint_layers(self.model.text_model.encoder.layers)
-        self.preprocess = clip_preprocess(
-            processor, model.config.vision_config.image_size, image_size, crop_size, mean, std
+        self.preprocess = clip_preprocess(  # PickScore's reference is transformers' CLIPProcessor: floored crop
+            processor, model.config.vision_config.image_size, image_size, crop_size, mean, std, crop_offset="floor"
         )
         # A text tower with fewer positions (the toy CLIP has 16) cannot take longer token sequences.
         self.max_length = min(max_length, model.config.text_config.max_position_embeddings)

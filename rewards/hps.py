@@ -60,7 +60,8 @@ class HPSv2:
         config = self.model.visual.preprocess_cfg
         size = self.model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        self.preprocess = ClipPreprocess(size, size, _rgb(config["mean"]), _rgb(config["std"]))
+        # hpsv2's initialize_model uses light_augmentation=True: ResizeMaxSize, not resize-and-crop
+        self.preprocess = ClipPreprocess(size, size, _rgb(config["mean"]), _rgb(config["std"]), resize="longest")
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         follow_device([self.model], images.device)

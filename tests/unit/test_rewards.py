@@ -339,7 +339,7 @@ def test_clip_classes_serve_the_toy_clip_with_its_own_preprocessing(tmp_path):
         scores.sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
     overridden = make("toy_clipscore", path=toy, processor_path=None, image_size=48, crop_size=40, mean=[0.5] * 3, std=[0.5] * 3)
-    assert overridden.preprocess == type(overridden.preprocess)(48, 40, (0.5,) * 3, (0.5,) * 3)
+    assert overridden.preprocess == type(overridden.preprocess)(48, 40, (0.5,) * 3, (0.5,) * 3, crop_offset="floor")
 
 
 def test_clip_tokenizer_built_from_open_clip_vocabulary_matches_open_clip(tmp_path):
@@ -367,9 +367,13 @@ def _as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
-def _reference_processors(built, standin):
-    """label -> (reward name, the processor its authors score with: PIL image -> (3,224,224) normalised)."""
-    import open_clip
+def _reference_processors(built, standin, odd_crop: bool):
+    """label -> (reward name, the processor its authors score with: PIL image -> (3,224,224) normalised).
+
+    The aesthetic predictor and ImageReward crop as torchvision does (OpenAI CLIP's and BLIP's transforms),
+    PickScore as transformers' CLIPImageProcessor; on even crop borders the two agree. HPS v2's reference
+    resizes the tensor, not the PIL image: test_hps_preprocessing_matches_hpsv2_itself checks it.
+    """
     from torchvision import transforms
     from transformers import CLIPImageProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -378,30 +382,35 @@ def _reference_processors(built, standin):
         loaded = cls.from_pretrained(folder)
         return lambda image: loaded(images=image, return_tensors="pt")["pixel_values"][0]
 
-    visual = built("hps").model.visual
-    blip = transforms.Compose([  # ImageReward's BLIP transform (its `_transform(224)`)
+    blip = transforms.Compose([  # ImageReward's BLIP transform (its `_transform(224)`); OpenAI CLIP's is the same
         transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(224),
         transforms.ToTensor(),
         transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     ])
-    clip_folders = {"aesthetic": standin("aesthetic")["path"], "pickscore": standin("pickscore")["processor_path"]}
+    clip_folders = {"pickscore": standin("pickscore")["processor_path"]}
+    if not odd_crop:  # trl's DDPO aesthetic scorer uses CLIPProcessor: equal to OpenAI CLIP's crop here
+        clip_folders["aesthetic"] = standin("aesthetic")["path"]
     references: dict[str, tuple[str, Any]] = {
         f"{name} ({cls.__name__})": (name, processor(cls, folder))
         for name, folder in clip_folders.items()
         for cls in (CLIPImageProcessorPil, CLIPImageProcessor)
     }
-    references["hps (open_clip image_transform)"] = (
-        "hps", open_clip.image_transform(visual.image_size, False, visual.preprocess_cfg["mean"], visual.preprocess_cfg["std"])
-    )
+    references["aesthetic (OpenAI CLIP transform)"] = ("aesthetic", blip)
     references["imagereward (BLIP transform)"] = ("imagereward", blip)
     return references
 
 
-def test_tensor_preprocessing_matches_each_rewards_pil_processor_on_photos(built, standin):
+@pytest.mark.parametrize("odd_crop", [False, True])
+def test_tensor_preprocessing_matches_each_rewards_pil_processor_on_photos(built, standin, odd_crop):
+    """skimage's photos, and (odd_crop) the same photos at 427 x 640 and 640 x 427: resized to 224 x 335
+    their crop border is odd (111 px), where torchvision rounds the offset and transformers floors it."""
     photos = _photos()
+    if odd_crop:
+        photos = {f"{name} {w}x{h}": photo.resize((w, h), Image.Resampling.BICUBIC)
+                  for name, photo in photos.items() for w, h in ((640, 427), (427, 640))}
     lines = []
-    for label, (name, reference) in _reference_processors(built, standin).items():
+    for label, (name, reference) in _reference_processors(built, standin, odd_crop).items():
         ours = built(name).preprocess
         worst = 0.0
         for photo in photos.values():
@@ -412,6 +421,62 @@ def test_tensor_preprocessing_matches_each_rewards_pil_processor_on_photos(built
         lines.append(f"{label}: max |tensor - processor| = {worst:.4f}")
         assert worst < 0.05, label
     print("\n" + "\n".join(lines))
+
+
+def test_pickscore_matches_transformers_clipprocessor_scoring_end_to_end(standin):
+    """PickScore's own scoring code path (CLIPProcessor + CLIPModel, logit_scale.exp() * cosine) on the
+    stand-in's weights, against ours on the same pixels, where the crop border is odd (427 x 640)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    overrides = standin("pickscore")
+    reward = make("pickscore", **overrides)
+    model = CLIPModel.from_pretrained(overrides["path"]).eval()
+    image_processor = CLIPImageProcessor.from_pretrained(overrides["processor_path"])
+    tokenizer = AutoTokenizer.from_pretrained(overrides["processor_path"])
+    photo = _photos()["astronaut"].resize((640, 427), Image.Resampling.BICUBIC)
+    prompts = ["an astronaut", "a red painting of a dog"]
+    with torch.no_grad():
+        pixels = image_processor(images=[photo, photo], return_tensors="pt")
+        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image = model.get_image_features(**pixels).pooler_output
+        text = model.get_text_features(**tokens).pooler_output
+        expected = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(image, text)
+        ours = reward(_as_tensor(photo).repeat(2, 1, 1, 1), prompts)
+    assert (ours - expected).abs().max() < 0.01 * expected.abs().max(), (ours, expected)
+
+
+def test_hps_preprocessing_resizes_the_longest_side_and_pads_black():
+    """The geometry of HPS v2's ResizeMaxSize: a 100 x 200 image fills 112 x 224 in the middle rows; the
+    56 rows above and below are black (normalised), whatever the image holds."""
+    from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
+
+    ours = ClipPreprocess(224, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize="longest")
+    out = ours(torch.full((1, 3, 100, 200), 0.8))[0]
+    black = (-torch.tensor(OPENAI_CLIP_MEAN) / torch.tensor(OPENAI_CLIP_STD)).view(3, 1, 1)
+    assert out.shape == (3, 224, 224)
+    torch.testing.assert_close(out[:, :56], black.expand(3, 56, 224))
+    torch.testing.assert_close(out[:, -56:], black.expand(3, 56, 224))
+    assert (out[:, 56:-56] - black).abs().min() > 1.0  # the image itself
+
+
+def test_hps_preprocessing_matches_hpsv2_itself():
+    """hpsv2's own transform (initialize_model's light_augmentation=True: ResizeMaxSize on the ToTensor
+    image) against ours, on non-square photos."""
+    try:
+        from hpsv2.src.open_clip.transform import image_transform
+    except Exception as error:  # noqa: BLE001  (any failure to import it means the same here)
+        pytest.skip(f"hpsv2 cannot be imported here ({type(error).__name__}: {str(error)[:80]}): its wheel pins "
+                    "pytest==7.2.0 and protobuf<4 and lacks its BPE vocabulary; with `pip install --no-deps "
+                    "hpsv2 clint args` and open_clip's bpe_simple_vocab_16e6.txt.gz copied into "
+                    "hpsv2/src/open_clip/ this test runs")
+    from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
+
+    theirs = image_transform(224, is_train=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resize_longest_max=True)
+    ours = ClipPreprocess(224, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize="longest")
+    for photo in _photos().values():
+        for size in ((640, 427), (427, 640), photo.size):
+            image = photo.resize(size, Image.Resampling.BICUBIC)
+            torch.testing.assert_close(ours(_as_tensor(image))[0], theirs(image), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- configs
