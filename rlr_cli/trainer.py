@@ -238,6 +238,7 @@ class Trainer:
         if not self.is_main:
             return None
         cfg, step, run = self.cfg, self.state.step, self.run
+        start = time.perf_counter()
         prompts = run.prompts.eval_prompts(cfg.eval_prompts)
         result = evaluation.evaluate(self.policy, run.reward, run.metrics, prompts, cfg.eval_seed,
                                      cfg.eval_batch_size, progress=cfg.progress)
@@ -246,7 +247,7 @@ class Trainer:
                                     self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
         logged = {"eval_reward_mean": record["reward_mean"], "eval_reward_se": record["reward_se"]}
         logged |= {f"eval_{key}": value["mean"] for key, value in record["metrics"].items()}
-        self._log(logged, step)
+        self._log(logged | {"eval_seconds": time.perf_counter() - start}, step)
         if self.logger is not None:
             self.logger.log_images(result.images, captions, step)
         return record
