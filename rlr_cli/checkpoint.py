@@ -30,6 +30,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     samples: int = 0  # training trajectories drawn so far, all ranks together
+    clipped: int = 0  # steps whose gradient norm exceeded max_grad_norm (clipping biases those updates)
 
 
 def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:

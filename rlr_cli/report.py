@@ -71,6 +71,10 @@ def write_report(run_dir: Path) -> str:
         before = first.get("metrics", {}).get(key)
         if before:
             rows.append(f"  {key:<11} {before['mean']:.4f} +- {before['se']:.4f}  ->  {stats['mean']:.4f} +- {stats['se']:.4f}")
+    steps = RunFolder(run_dir).train_steps
+    if steps and "clipped_fraction" in steps[-1]:
+        rows.append(f"  gradient clipped on {steps[-1]['clipped_fraction']:.0%} of {steps[-1]['step']} steps "
+                    "(trainer.max_grad_norm; a clipped update is biased)")
     rows.append(f"  plots: {run_dir / 'reward_curve.png'}, {run_dir / 'samples' / 'before_after.png'}")
     summary = "\n".join(rows)
     (run_dir / "summary.txt").write_text(summary + "\n")

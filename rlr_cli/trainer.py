@@ -172,6 +172,8 @@ class Trainer:
         batch_rewards = torch.cat([out.rewards.float() for out in outputs]).to(self.accelerator.device)
         rewards: Tensor = self.accelerator.gather(batch_rewards)  # type: ignore[assignment]  (a tensor in, a tensor out)
         self._optimizer_step(loss, grad_norm)
+        clipped = self.cfg.max_grad_norm is not None and math.isfinite(grad_norm) and grad_norm > self.cfg.max_grad_norm
+        self.state.clipped += clipped
         drawn = torch.tensor(float(self.policy.trajectories_sampled - drawn_before), device=self.accelerator.device)
         self.state.samples += int(self.accelerator.reduce(drawn, "sum").item())  # type: ignore[union-attr]
         return {
@@ -182,6 +184,8 @@ class Trainer:
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "grad_norm": grad_norm,
+            "clipped": float(clipped),
+            "clipped_fraction": self.state.clipped / (self.state.step + 1),
             "lr": self.scheduler.get_last_lr()[0],
             "nonfinite_total": float(self.state.nonfinite_total),
             "step_seconds": time.perf_counter() - start,

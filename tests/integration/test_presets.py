@@ -45,3 +45,19 @@ def test_preset_runs_two_steps_on_the_toy_model(preset, tmp_path, monkeypatch):
     lines = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result["step"] == 2 and len(lines) == 2
     assert all(line["nonfinite_total"] == 0 for line in lines)
+
+
+def test_aesthetic_refl_learns_on_a_reward_of_the_aesthetics_scale(tmp_path):
+    """ReFL's loss relu(target - r) has no gradient once r > target: the preset's target (10) sits above the
+    aesthetic scale (toy_aesthetic scores 3-8, as LAION's do), so every step has a gradient and a loss."""
+    run = build_run("experiment=aesthetic_refl", "model=toy", "reward=toy_aesthetic", "prompts=toy", "model.num_steps=10",
+                    "trainer.max_steps=8", "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.eval_every=8",
+                    "trainer.eval_prompts=32", "trainer.checkpoint_every=0", "logger=none",
+                    "optimizer.lr=0.005")  # setup/toy_aesthetic's lr: the preset's 1e-4 is sized for SD 1.4
+    assert run.estimator.target == 10.0
+    Trainer(run, tmp_path / "run").train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "loss" in line]
+    assert len(train) == 8 and all(line["grad_norm"] > 0 and line["loss"] > 0 for line in train)
+    before, after = (json.loads((tmp_path / "run" / "eval" / f"step_{s}.json").read_text()) for s in (0, 8))
+    assert after["reward_mean"] > before["reward_mean"] + before["reward_se"]  # same prompts and seeds

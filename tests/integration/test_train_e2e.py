@@ -41,6 +41,10 @@ def test_run_folder_has_everything_design_promises(short_run):
     train_lines = [line for line in lines if "loss" in line]
     assert [line["step"] for line in train_lines] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(line["reward_mean"])) for line in train_lines)
+    clipped = [float(line["grad_norm"] > 1.0) for line in train_lines]  # trainer.max_grad_norm's default
+    assert [line["clipped"] for line in train_lines] == clipped
+    assert train_lines[-1]["clipped_fraction"] == pytest.approx(sum(clipped) / 3)
+    assert f"gradient clipped on {sum(clipped) / 3:.0%} of 3 steps" in (short_run / "summary.txt").read_text()
     evaluation = json.loads((short_run / "eval" / "step_3.json").read_text())
     assert len(evaluation["rewards"]) == 4 and not list(short_run.glob("checkpoints/.incomplete*"))
 
