@@ -5,10 +5,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: train test lint venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_reference_packages.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) scripts/install_reference_packages.py
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -33,7 +33,7 @@ def seconds(count: int, side: int, repeats: int, folder: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print("| images | side (px) | seconds |\n|---|---|---|")

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import ROOT, SHARED_DATA, build_run
 from rewards.standins import hydra_overrides, write_standin
+from rlr_cli.estimators.backprop import ReFL
 from rlr_cli.trainer import Trainer
 
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -54,7 +55,7 @@ def test_aesthetic_refl_learns_on_a_reward_of_the_aesthetics_scale(tmp_path):
                     "trainer.max_steps=8", "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.eval_every=8",
                     "trainer.eval_prompts=32", "trainer.checkpoint_every=0", "logger=none",
                     "optimizer.lr=0.005")  # setup/toy_aesthetic's lr: the preset's 1e-4 is sized for SD 1.4
-    assert run.estimator.target == 10.0
+    assert isinstance(run.estimator, ReFL) and run.estimator.target == 10.0
     Trainer(run, tmp_path / "run").train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if "loss" in line]

@@ -430,7 +430,7 @@ def test_pickscore_matches_transformers_clipprocessor_scoring_end_to_end(standin
 
     overrides = standin("pickscore")
     reward = make("pickscore", **overrides)
-    model = CLIPModel.from_pretrained(overrides["path"]).eval()
+    model: Any = CLIPModel.from_pretrained(overrides["path"]).eval()  # its features are output objects
     image_processor = CLIPImageProcessor.from_pretrained(overrides["processor_path"])
     tokenizer = AutoTokenizer.from_pretrained(overrides["processor_path"])
     photo = _photos()["astronaut"].resize((640, 427), Image.Resampling.BICUBIC)
@@ -465,10 +465,9 @@ def test_hps_preprocessing_matches_hpsv2_itself():
     try:
         from hpsv2.src.open_clip.transform import image_transform
     except Exception as error:  # noqa: BLE001  (any failure to import it means the same here)
-        pytest.skip(f"hpsv2 cannot be imported here ({type(error).__name__}: {str(error)[:80]}): its wheel pins "
-                    "pytest==7.2.0 and protobuf<4 and lacks its BPE vocabulary; with `pip install --no-deps "
-                    "hpsv2 clint args` and open_clip's bpe_simple_vocab_16e6.txt.gz copied into "
-                    "hpsv2/src/open_clip/ this test runs")
+        pytest.skip(f"hpsv2 cannot be imported here ({type(error).__name__}: {str(error)[:80]}): its pins "
+                    "(pytest==7.2.0, protobuf<4) keep it out of our dependencies; "
+                    "scripts/install_reference_packages.py (run by make venv) installs it without them")
     from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
 
     theirs = image_transform(224, is_train=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resize_longest_max=True)
