@@ -56,6 +56,10 @@ class Chain(Protocol):
         """One-step prediction of x_0 (B,C,H,W) from x and the model output."""
         ...
 
+    def noised(self, steps: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+        """x_0 carried by the forward process q(x_t | x_0) to each sample's transition input (DRaFT-LV)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Rollout:

@@ -67,6 +67,9 @@ class DDIMChain:
     def predict_x0(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
         return (x - per_sample(self._sqrt_one_minus_a, steps, x) * out) / per_sample(self._sqrt_a, steps, x)
 
+    def noised(self, steps: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+        return per_sample(self._sqrt_a, steps, x0) * x0 + per_sample(self._sqrt_one_minus_a, steps, x0) * noise
+
     def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
         """Mean of x_prev given x (B,C,H,W) at each sample's step and the noise prediction (B,C,H,W)."""
         x0 = self.predict_x0(steps, x, out)

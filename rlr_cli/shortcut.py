@@ -131,6 +131,10 @@ class ShortcutChain:
     def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
         return self._mean(_single(steps), x, out)
 
+    def noised(self, steps: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+        alpha = self._alpha(int(self.timesteps[_single(steps)]))
+        return math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * noise
+
     def _std(self, i: int) -> float:
         if not self.is_shortcut(i):
             return float(self.long.std(as_steps(self._long_index(i), 1))[0])

@@ -2,12 +2,16 @@
 
     python scripts/estimator_diagnostics.py --problem linear_gaussian --samples 2000 --out diag.json
     python scripts/estimator_diagnostics.py --problem tiny_unet --samples 200 --out diag_tiny.json
+    python scripts/estimator_diagnostics.py --problem toy --estimators truncated_bp_k1,draft_lv_n2 --no-sweeps
 
 linear_gaussian: the chain of ESTIMATORS.md (T = 12, sigma 0.6 -> 0.05), exact grad J in closed form.
 tiny_unet: main's tiny SD-shaped pipeline (LoRA r=2, DDIM eta 1, 16 px, T = 6, batch 8, saturation
 reward); the reference is the mean of `samples` further full-backprop gradients (its noise enters the
 SE), and the bias is also given along the reference's direction (rel_bias_v, checks.projected_bias).
-Prints a markdown table, writes the JSON, and sweeps RLR's variance against h and the peak memory of
+toy: the trained toy world (model=toy, T = 20, eta 1, CFG 4, batch 8, toy_aesthetic), reference as tiny_unet.
+DRaFT-LV needs a forward process to re-noise x_0, which the linear-Gaussian chain has not: its rows
+(draft_lv_n1/2/4) are on the other two problems.
+Prints a markdown table, writes the JSON, and (unless --no-sweeps) sweeps RLR's variance against h and the peak memory of
 full_bp / truncated_bp / rlr against T, with PNG plots next to the JSON.
 Statistics: rlr_cli/estimators/checks.py. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU
 the peak bytes of tensors saved for backward (autograd saved-tensor hooks), gradient checkpointing off.
@@ -24,13 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlr_cli.build import component  # noqa: E402
-from rlr_cli.estimators.checks import bias_statistics, draw_estimates, projected_bias  # noqa: E402
+from rlr_cli.estimators.checks import bias_statistics, draw_estimates, flat_gradient, projected_bias  # noqa: E402
 from rlr_cli.estimators.linear_gaussian import LinearGaussianPolicy, default_problem  # noqa: E402
 
 MEMORY_NOTE = {
     True: "peak MB: torch.cuda.max_memory_allocated",
     False: "peak MB: peak bytes saved for backward (autograd saved-tensor hooks), no gradient checkpointing",
 }
+
+
+TOY_PROMPTS = ["a large red circle on a white background", "a small blue square on a black background",
+               "a large green triangle on a gray background", "a small yellow cross on a brown background"] * 2
 
 
 def ddpo_on_policy(batch: int):
@@ -45,18 +53,22 @@ def rlr(h: int, fo_steps: int = 1, *overrides: str):
     return component("estimator=rlr", f"estimator.h={h}", f"estimator.fo_steps={fo_steps}", *overrides)
 
 
-def estimators(batch: int, num_steps: int) -> dict:
+def estimators(batch: int, num_steps: int, forward_process: bool) -> dict:
+    """name -> factory of every estimator the table compares."""
     table = {
         "full_bp": lambda: component("estimator=full_bp"),
         "truncated_bp_k1": lambda: component("estimator=truncated_bp", "estimator.k=1"),
         "ddpo_onpolicy": lambda: ddpo_on_policy(batch),
     }
+    if forward_process:
+        for n in (1, 2, 4):
+            table[f"draft_lv_n{n}"] = lambda n=n: component("estimator=draft_lv", f"estimator.n={n}")
     rlr_table = {"rlr_h1": (1, 1), "rlr_h2": (2, 1), "rlr_h4": (4, 1), "rlr_h2_param": (2, 1),
                  "rlr_h1_k2": (1, 2), "rlr_h1_k4": (1, 4)}
     for name, (h, k) in rlr_table.items():
         if h + k <= num_steps:
             table[name] = (lambda h=h, k=k, name=name: rlr(h, k, *(["estimator.zo.mode=param"] if "param" in name else [])))
-    return {name: make() for name, make in table.items()}
+    return table
 
 
 def tiny_policy(num_steps: int, device: str):
@@ -73,13 +85,16 @@ def make_problem(name: str, num_steps: int | None, device: str):
             policy = LinearGaussianPolicy(num_steps=num_steps)
         exact = torch.cat([g.flatten() for g in policy.exact_gradient(reward)])
         return policy, reward, ["a", "b", "c", "d"] * 2, exact
+    if name == "toy":
+        policy = component("model=toy", f"model.num_steps={num_steps or 20}", "model.eta=1.0", "model.guidance_scale=4.0")
+        return policy.to(device), component("reward=toy_aesthetic"), TOY_PROMPTS, None  # the reward follows the images
     from rewards.simple import Saturation
 
     return tiny_policy(num_steps or 6, device), Saturation(), ["a red circle", "a blue square"] * 4, None
 
 
 def markdown(rows: dict, header: str) -> str:
-    cols = ["rel_bias", "rel_bias_se", "bias/se", "variance", "cosine", "seconds", "peak_mem_mb"]
+    cols = ["rel_bias", "rel_bias_se", "bias/se", "variance", "variance_se", "cosine", "seconds", "peak_mem_mb"]
     if any("rel_bias_v" in r for r in rows.values()):
         cols += ["rel_bias_v", "rel_bias_v_se"]
     lines = [header, "", "| estimator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -94,7 +109,9 @@ def markdown(rows: dict, header: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--problem", choices=["linear_gaussian", "tiny_unet"], default="linear_gaussian")
+    parser.add_argument("--problem", choices=["linear_gaussian", "tiny_unet", "toy"], default="linear_gaussian")
+    parser.add_argument("--estimators", default="", help="comma-separated rows of the table (default: all)")
+    parser.add_argument("--no-sweeps", action="store_true", help="the table only: no RLR h sweep, no memory sweep")
     parser.add_argument("--samples", type=int, default=2000, help="independent estimates per estimator")
     parser.add_argument("--out", default="estimator_diagnostics.json")
     parser.add_argument("--device", default="cpu")
@@ -109,13 +126,20 @@ def main() -> None:
 
     # ---- bias / variance table ------------------------------------------------------------------
     policy, reward, prompts, exact = make_problem(args.problem, None, args.device)
-    reference = None
+    table = estimators(len(prompts), policy.num_steps, forward_process=args.problem != "linear_gaussian")
+    chosen = args.estimators.split(",") if args.estimators else list(table)
+    unknown = sorted(set(chosen) - set(table))
+    if unknown:
+        parser.error(f"--estimators: unknown {unknown}; this problem has {list(table)}")
+    if not args.no_sweeps and "ddpo_onpolicy" not in chosen:
+        parser.error("the RLR sweep is read against ddpo_onpolicy: add it to --estimators, or pass --no-sweeps")
+    reference, rows = None, {}
     if exact is None:
         reference, _, _ = draw_estimates(component("estimator=full_bp"), policy, reward, prompts, args.samples,
                                          seed=args.seed + 99)
         exact = reference.mean(dim=0)
-    rows = {}
-    for name, estimator in estimators(len(prompts), policy.num_steps).items():
+    for name in chosen:
+        estimator = table[name]()
         estimates, seconds, _ = draw_estimates(estimator, policy, reward, prompts, args.samples, seed=args.seed)
         _, _, peak = draw_estimates(estimator, policy, reward, prompts, 1, seed=args.seed, meter=True)
         rows[name] = bias_statistics(estimates, exact, reference) | {"seconds": seconds, "peak_mem_mb": peak}
@@ -131,20 +155,68 @@ def main() -> None:
               f"{MEMORY_NOTE[cuda]}; SE = sqrt(tr Cov / N (+ reference's)) / ||g||")
     print(markdown(rows, header))
 
-    # ---- RLR variance against h -------------------------------------------------------------------
+    renoise = None
+    if any(name.startswith("draft_lv") for name in chosen):
+        renoise = renoise_variance(policy, reward, prompts, batches=4, draws=max(args.samples // 10, 5), seed=args.seed + 7)
+        k1 = rows.get("truncated_bp_k1")
+        share = f" = {renoise / k1['variance']:.2%} of truncated_bp_k1's" if k1 else ""
+        print(f"\nDRaFT-LV: variance across re-noisings of one fixed batch (n = 1) {renoise:.4g}{share}; averaging n "
+              "re-noisings removes 1 - 1/n of this part alone")
+    variance_h, memory_t, plots = {}, {}, []
+    if not args.no_sweeps:
+        variance_h, memory_t = sweeps(args, policy, reward, prompts, exact, reference, rows["ddpo_onpolicy"]["variance"])
+        plots = _plots(out, variance_h, rows["ddpo_onpolicy"]["variance"], memory_t, args.problem)
+    result = {
+        "problem": args.problem,
+        "samples": args.samples,
+        "batch": len(prompts),
+        "num_steps": policy.num_steps,
+        "memory": MEMORY_NOTE[cuda],
+        "estimators": rows,
+        "draft_lv_renoise_variance": renoise,
+        "rlr_variance_vs_h": {str(h): s for h, s in variance_h.items()},
+        "peak_mem_mb_vs_T": {name: {str(t): v for t, v in by_t.items()} for name, by_t in memory_t.items()},
+        "plots": plots,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}" + (f" and {', '.join(plots)}" if plots else ""), file=sys.stderr)
+
+
+def renoise_variance(policy, reward, prompts, batches: int, draws: int, seed: int) -> float:
+    """The variance of DRaFT-LV (n = 1) estimates across re-noisings of one fixed sampled batch, averaged
+    over `batches` batches: the only part of the variance that DRaFT-LV's averaging acts on."""
+    lv = component("estimator=draft_lv", "estimator.n=1")
+    params = policy.trainable_parameters()
+    generator = torch.Generator().manual_seed(seed)
+    variances = []
+    for _ in range(batches):
+        with torch.no_grad():
+            rollout = policy.sample(prompts, generator=generator)
+        grads = []
+        for _ in range(draws):
+            for p in params:
+                p.grad = None
+            lv.renoised(policy, reward, rollout, generator, lambda term: term.backward())
+            grads.append(flat_gradient(params))
+        variances.append(torch.stack(grads).var(dim=0).sum())
+    return float(torch.stack(variances).mean())
+
+
+def sweeps(args, policy, reward, prompts, exact, reference, ddpo_var: float) -> tuple[dict, dict]:
+    """RLR's variance against h, and peak memory of full_bp / truncated_bp / rlr against T (printed)."""
+    # RLR variance against h
     sweep_n = max(args.samples // 2, 20)
     h_values = [h for h in map(int, args.sweep_h.split(",")) if h + 1 <= policy.num_steps]
     variance_h = {}
     for h in h_values:
         estimates, _, _ = draw_estimates(rlr(h), policy, reward, prompts, sweep_n, seed=args.seed + h)
         variance_h[h] = bias_statistics(estimates, exact, reference)
-    ddpo_var = rows["ddpo_onpolicy"]["variance"]
     print(f"\nRLR variance against h (N = {sweep_n}; ddpo_onpolicy: {ddpo_var:.4g})\n\n"
           "| h | variance | ratio to ddpo_onpolicy | rel_bias | rel_bias_se |\n|---|---|---|---|---|")
     for h, s in variance_h.items():
         print(f"| {h} | {s['variance']:.4g} | {s['variance'] / ddpo_var:.3f} | {s['rel_bias']:.3g} | {s['rel_bias_se']:.3g} |")
 
-    # ---- peak memory against T ------------------------------------------------------------------
+    # peak memory against T
     memory_t: dict[str, dict[int, float]] = {"full_bp": {}, "truncated_bp_k1": {}, "rlr_h1": {}, "rlr_h4": {}}
     steps = list(map(int, args.sweep_steps.split(",")))
     for t in steps:
@@ -153,25 +225,12 @@ def main() -> None:
                           ("truncated_bp_k1", component("estimator=truncated_bp", "estimator.k=1")),
                           ("rlr_h1", rlr(1)), ("rlr_h4", rlr(4))]:
             memory_t[name][t] = draw_estimates(est, pol_t, rew_t, prompts_t, 1, seed=args.seed, meter=True)[2]
-    print(f"\nPeak memory (MB) against T ({MEMORY_NOTE[cuda]})\n\n| estimator | " + " | ".join(f"T={t}" for t in steps)
+    note = MEMORY_NOTE[args.device.startswith("cuda")]
+    print(f"\nPeak memory (MB) against T ({note})\n\n| estimator | " + " | ".join(f"T={t}" for t in steps)
           + " |\n|---" * 1 + "|---" * len(steps) + "|")
     for name, by_t in memory_t.items():
         print(f"| {name} | " + " | ".join(f"{by_t[t]:.4g}" for t in steps) + " |")
-
-    plots = _plots(out, variance_h, ddpo_var, memory_t, args.problem)
-    result = {
-        "problem": args.problem,
-        "samples": args.samples,
-        "batch": len(prompts),
-        "num_steps": policy.num_steps,
-        "memory": MEMORY_NOTE[cuda],
-        "estimators": rows,
-        "rlr_variance_vs_h": {str(h): s for h, s in variance_h.items()},
-        "peak_mem_mb_vs_T": {name: {str(t): v for t, v in by_t.items()} for name, by_t in memory_t.items()},
-        "plots": plots,
-    }
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out} and {', '.join(plots)}", file=sys.stderr)
+    return variance_h, memory_t
 
 
 def _plots(out: Path, variance_h: dict, ddpo_var: float, memory_t: dict, problem: str) -> list[str]:

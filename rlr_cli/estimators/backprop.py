@@ -20,8 +20,8 @@ from rlr_cli.estimators.common import (
     score,
     utility,
 )
-from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, RunFacts
-from rlr_cli.sampling import column
+from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+from rlr_cli.sampling import as_steps
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -108,10 +108,13 @@ class TruncatedBackprop:
 
 
 class DraftLV:
-    """DRaFT-LV: the last transition re-run from x_1 (detached) with n noise draws, rewards averaged.
+    """DRaFT-LV (Clark et al. 2024, the K = 1 case): sample x_0 without grad, then n times re-noise it to
+    the last transition's input by the forward process, x_1 = sqrt(a_1) x_0 + sqrt(1 - a_1) eps, and run
+    the last transition from there with grad; the loss averages the n rewards.
 
-    Pathwise through the last step only (biased like K = 1) with lower variance; the first draw is the
-    rollout's own noise, the other n - 1 come from the run generator; one UNet call, n decoder passes.
+    Pathwise through the last step only (biased like DRaFT-1). Averaging n re-noisings of one x_0 removes
+    the share 1 - 1/n of the variance the re-noising adds; the variance across x_0 stays (BENCHMARKS.md).
+    Cost: n UNet calls with grad, n decodes.
     """
 
     def __init__(self, *, n: PositiveInt, target: float | None, reward_scale: float):
@@ -123,17 +126,25 @@ class DraftLV:
 
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
-        last = policy.num_steps - 1
         with torch.no_grad():
             rollout = policy.sample(prompts, generator=generator, grad_steps=())
-        step = policy.transition(rollout, last, rollout.latents[:, last].detach())  # one UNet call with grad
-        noises = [rollout.noises[:, last]] + [randn_like(step.mean, generator) for _ in range(self.n - 1)]
-        std = column(step.std, step.mean)
-        rewards = torch.stack([score(policy, reward, step.mean + std * z, prompts) for z in noises])
-        terms = LossTerms(backward)
-        terms.add(-utility(rewards, self.target, self.reward_scale).mean())
-        metrics = reward_metrics(rewards[0]) | {"draws": float(self.n)}
-        return EstimatorOutput(loss=terms.total, rewards=rewards[0].detach(), metrics=metrics)
+        return self.renoised(policy, reward, rollout, generator, backward)
+
+    def renoised(self, policy: Policy, reward: Reward, rollout: Rollout, generator: torch.Generator,
+                 backward: Backward) -> EstimatorOutput:
+        """The estimate from a sampled rollout (the diagnostics hold one fixed to measure the re-noising's share)."""
+        last, prompts = policy.num_steps - 1, rollout.prompts
+        x0, steps = rollout.final.detach(), as_steps(last, len(prompts))
+        terms, rewards = LossTerms(backward), []
+        for _ in range(self.n):  # each draw's graph is freed by its backward before the next is built
+            x1 = rollout.chain.noised(steps, x0, randn_like(x0, generator))
+            sample = policy.transition(rollout, last, x1, noise=randn_like(x0, generator)).sample
+            r = score(policy, reward, sample, prompts)
+            terms.add(-utility(r, self.target, self.reward_scale).mean() / self.n)
+            rewards.append(r.detach())
+        mean_rewards = torch.stack(rewards).mean(dim=0)
+        metrics = reward_metrics(mean_rewards) | {"draws": float(self.n)}
+        return EstimatorOutput(loss=terms.total, rewards=mean_rewards, metrics=metrics)
 
 
 class ReFL:

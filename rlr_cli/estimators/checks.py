@@ -8,7 +8,8 @@ of the estimator's loss) against a reference g:
                rel_bias / rel_bias_se is about 1 (and > 3 with negligible probability); a bias b adds
                in quadrature, rel_bias^2 ~ b^2 + se^2. (The delta method degenerates at zero bias: its
                direction is random there, so it is not used.)
-  variance     E||g_hat - mean||^2 (total variance, trace of the covariance)
+  variance     E||g_hat - mean||^2 (total variance, trace of the covariance); variance_se its standard
+               error (of the mean of the N squared deviations), to compare two estimators' variances
   cosine       cos(mean, g)
 """
 from __future__ import annotations
@@ -106,13 +107,14 @@ def draw_estimates(
 
 
 def bias_statistics(estimates: Tensor, g: Tensor, reference: Tensor | None = None) -> dict[str, float]:
-    """rel_bias, rel_bias_se, variance, cosine of estimates (N,P) against g (P,) (see module doc).
+    """rel_bias, rel_bias_se, variance (tr Cov, with its standard error), cosine of estimates (N,P) against g (P,).
 
     reference: the (N_ref, P) draws g is the mean of, when g is itself estimated; their noise enters the SE.
     """
     n = estimates.shape[0]
     mean = estimates.mean(dim=0)
     variance = estimates.var(dim=0).sum()
+    squared = ((estimates - mean) ** 2).sum(dim=1) * n / max(n - 1, 1)  # their mean is `variance`
     noise = variance / n
     if reference is not None:
         noise = noise + reference.var(dim=0).sum() / reference.shape[0]
@@ -121,6 +123,7 @@ def bias_statistics(estimates: Tensor, g: Tensor, reference: Tensor | None = Non
         "rel_bias": float((mean - g).norm() / norm),
         "rel_bias_se": float(noise.sqrt() / norm),
         "variance": float(variance),
+        "variance_se": float(squared.std() / n**0.5) if n > 1 else float("nan"),
         "cosine": float(torch.nn.functional.cosine_similarity(mean, g, dim=0)),
     }
 

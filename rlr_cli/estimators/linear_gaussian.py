@@ -56,6 +56,9 @@ class LinearChain:
 
     predict_x0 = mean
 
+    def noised(self, steps: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+        raise NotImplementedError("the linear-Gaussian chain has no forward process q(x_t | x_0) to re-noise x_0 with")
+
 
 class LinearGaussianPolicy(torch.nn.Module):
     """The chain above as a Policy (float64, CPU); `exact_gradient(reward)` gives grad J in closed form."""

@@ -3,6 +3,7 @@ batches, rlr_official's two phases, ReFL's stop step, and DDPO's one denoiser ca
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -145,3 +146,47 @@ def test_ddpo_batch_advantages_use_numpys_std_as_ddpo_pytorch():
     u = torch.tensor([1.0, 2.0, 4.0, 9.0])
     expected = (u.numpy() - u.numpy().mean()) / (u.numpy().std() + 1e-8)
     assert ddpo._advantages(u, ["a"] * 4).numpy() == pytest.approx(np.clip(expected, -5, 5), rel=1e-6)
+
+
+def test_ddim_chain_noises_x0_as_diffusers_add_noise(tiny_path):
+    """DRaFT-LV's re-noising is the forward process q(x_t | x_0): diffusers' scheduler.add_noise."""
+    from diffusers import DDIMScheduler
+
+    policy = component(*TINY)
+    scheduler: Any = DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler")
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i, t in enumerate(policy.chain.timesteps.tolist()):
+        ours = policy.chain.noised(torch.tensor([i, i]), x0, noise)
+        assert torch.allclose(ours, scheduler.add_noise(x0, noise, torch.tensor([t, t])), atol=1e-6)
+
+
+def test_draft_lv_renoises_the_sample_n_times_and_runs_the_last_step_on_each(tiny_path):
+    """n UNet calls with grad, all at the last timestep, each from its own x_1 = sqrt(a) x_0 + sqrt(1 - a) eps."""
+    policy = component(*TINY, "model.guidance_scale=1.0")
+    rollouts, calls = [], []
+    sample, unet = policy.sample, policy.family.unet
+    forward = unet.forward
+
+    def recorded_sample(*args, **kwargs):
+        rollouts.append(sample(*args, **kwargs))
+        return rollouts[-1]
+
+    def counted(x, timestep, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append((x.detach().clone(), timestep.tolist()))
+        return forward(x, timestep, *args, **kwargs)
+
+    policy.sample, unet.forward = recorded_sample, counted
+    try:
+        out = estimate(component("estimator=draft_lv", "estimator.n=3"), policy, Saturation(), ["a", "b"],
+                       torch.Generator().manual_seed(0))
+    finally:
+        policy.sample, unet.forward = sample, forward
+    chain, (rollout,) = policy.chain, rollouts
+    t = int(chain.timesteps[-1])
+    assert len(calls) == 3 and all(timesteps == [t, t] for _, timesteps in calls)
+    a = float(chain.alphas_cumprod[t])
+    noises = [(x - a**0.5 * rollout.final) / (1 - a) ** 0.5 for x, _ in calls]
+    assert all(0.7 < z.std() < 1.3 and abs(z.mean()) < 0.3 for z in noises)  # 2 x 4 x 8 x 8 standard normals
+    assert all((noises[i] - noises[j]).abs().max() > 0.1 for i in range(3) for j in range(i))
+    assert out.metrics["draws"] == 3 and flat_gradient(policy.trainable_parameters()).norm() > 0

@@ -193,6 +193,17 @@ def test_even_timesteps_are_a_subset_of_the_long_chain_with_the_same_start(tiny_
         ShortcutChain(long, 2, "ddim", [500, 700])
 
 
+def test_shortcut_chain_noises_x0_as_diffusers_add_noise(tiny_path):
+    from diffusers import DDIMScheduler
+
+    scheduler: Any = DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler")
+    chain = ShortcutChain(DDIMChain(scheduler, 50, 1.0), 4, "ddim", "even", long_steps=2)
+    x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for i, t in enumerate(chain.timesteps.tolist()):
+        expected = scheduler.add_noise(x0, noise, torch.tensor([t]))
+        torch.testing.assert_close(chain.noised(torch.tensor([i]), x0, noise), expected, rtol=1e-5, atol=1e-6)
+
+
 SD_SHORTCUTS = {"shortft_tcd_sd15": "h1t/TCD-SD15-LoRA", "shortft_lcm_sd15": "latent-consistency/lcm-lora-sdv1-5",
                 "shortft_hyper_sd15": "ByteDance/Hyper-SD"}
 
