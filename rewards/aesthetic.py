@@ -21,6 +21,7 @@ from rewards.common import (
     torch_dtype,
 )
 from rewards.preprocess import clip_preprocess
+from rlr_cli.ranges import Positive
 
 
 class AestheticScore:
@@ -36,8 +37,8 @@ class AestheticScore:
         cache_dir: str | None,
         dtype: Literal["fp32", "bf16", "fp16"],
         gradient_checkpointing: bool,
-        image_size: int | None,
-        crop_size: int | None,
+        image_size: Positive | None,
+        crop_size: Positive | None,
         mean: list[float] | None,
         std: list[float] | None,
     ):

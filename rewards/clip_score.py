@@ -9,6 +9,8 @@ from torch import Tensor
 from rewards.common import check_loading_info, checkpoint_layers, follow_device, freeze, resolve_folder, torch_dtype
 from rewards.preprocess import clip_preprocess
 from rlr_cli.errors import UserError
+from rlr_cli.prompts import count_overlong
+from rlr_cli.ranges import Positive
 
 CONFIG_FILES = ["*.json", "*.txt"]  # configs, tokenizer, preprocessor config: never a repo's other weights
 
@@ -44,11 +46,11 @@ class ClipScore:
         cache_dir: str | None,
         dtype: Literal["fp32", "bf16", "fp16"],
         gradient_checkpointing: bool,
-        image_size: int | None,
-        crop_size: int | None,
+        image_size: Positive | None,
+        crop_size: Positive | None,
         mean: list[float] | None,
         std: list[float] | None,
-        max_length: int,
+        max_length: Positive,
     ):
         from transformers import AutoTokenizer
 
@@ -71,6 +73,9 @@ class ClipScore:
         )
         # A text tower with fewer positions (the toy CLIP has 16) cannot take longer token sequences.
         self.max_length = min(max_length, model.config.text_config.max_position_embeddings)
+
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        return count_overlong(self.tokenizer, prompts, self.max_length), self.max_length
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         follow_device([self.model], images.device)

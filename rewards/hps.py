@@ -17,6 +17,8 @@ from rewards.common import (
 from rewards.preprocess import ClipPreprocess, _rgb
 from rlr_cli.errors import UserError
 
+UNCUT = 1024  # tokens: longer than any prompt, to count the ones the reward's context cuts
+
 HUB_FILES = {"v2.0": "xswu/HPSv2/HPS_v2_compressed.pt", "v2.1": "xswu/HPSv2/HPS_v2.1_compressed.pt"}
 
 
@@ -62,6 +64,11 @@ class HPSv2:
         size = size[0] if isinstance(size, (tuple, list)) else size
         # hpsv2's initialize_model uses light_augmentation=True: ResizeMaxSize, not resize-and-crop
         self.preprocess = ClipPreprocess(size, size, _rgb(config["mean"]), _rgb(config["std"]), resize="longest")
+
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        limit = int(self.model.context_length)  # start and end tokens included
+        lengths = (self.tokenizer(list(prompts), context_length=UNCUT) != 0).sum(dim=1)
+        return int((lengths > limit).sum()), limit
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         follow_device([self.model], images.device)

@@ -28,6 +28,8 @@ from rewards.common import (
 )
 from rewards.preprocess import ClipPreprocess
 from rlr_cli.errors import UserError
+from rlr_cli.prompts import count_overlong
+from rlr_cli.ranges import Positive
 
 SCORE_MEAN = 0.16717362830052426  # ImageReward's standardisation of the head output
 SCORE_STD = 1.0333394966054072
@@ -180,7 +182,7 @@ class ImageReward:
         dtype: Literal["fp32", "bf16", "fp16"],
         gradient_checkpointing: bool,
         vision_config: dict | None,
-        max_length: int,
+        max_length: Positive,
     ):
         what = "reward imagereward"
         self.dtype = torch_dtype(dtype)
@@ -207,6 +209,9 @@ class ImageReward:
         side = int(vision.image_size)  # type: ignore[arg-type]  (an int in every BLIP config)
         self.preprocess = ClipPreprocess(side, side)
         self.max_length = max_length
+
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        return count_overlong(self.tokenizer, prompts, self.max_length), self.max_length
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         follow_device([self.model], images.device)

@@ -11,8 +11,12 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 
 from rlr_cli.errors import UserError
+from rlr_cli.interfaces import TextLimited
+from rlr_cli.prompts import overlong_warning, read_text
+from rlr_cli.run_folder import write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -30,9 +34,14 @@ def list_images(folder: str) -> list[str]:
         raise UserError("no image folder given: set images=/path/to/folder")
     if not os.path.isdir(folder):
         raise UserError(f"image folder {folder!r} does not exist")
-    names = sorted(name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+    names = [name for name in files if name.lower().endswith(IMAGE_SUFFIXES)]
     if not names:
         raise UserError(f"no .png/.jpg images in {folder!r}")
+    others = [name for name in files if name not in names and not name.startswith(("scores_", "."))]
+    if others:
+        print(f"rlr-score: {len(others)} file(s) in {folder!r} are not .png/.jpg and are not scored "
+              f"(e.g. {others[0]!r})", file=sys.stderr)
     return names
 
 
@@ -42,17 +51,19 @@ def read_prompts(path: str | None, names: list[str]) -> list[str]:
         return [""] * len(names)
     if not os.path.isfile(path):
         raise UserError(f"prompt file {path!r} does not exist")
+    text = read_text(Path(path), "prompt file")
     if path.endswith(".json"):
-        with open(path) as file:
-            mapping = json.load(file)
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"prompt file {path!r} is not valid JSON: {error}") from None
         if not isinstance(mapping, dict):
             raise UserError(f"{path!r} must hold a JSON object {{file name: prompt}}")
         missing = [name for name in names if name not in mapping]
         if missing:
             raise UserError(f"{path!r} has no prompt for {len(missing)} image(s), e.g. {missing[0]!r}")
         return [str(mapping[name]) for name in names]
-    with open(path) as file:
-        prompts = [line.rstrip("\n") for line in file if line.strip()]
+    prompts = [line for line in text.splitlines() if line.strip()]
     if len(prompts) != len(names):
         raise UserError(f"{path!r} has {len(prompts)} prompts for {len(names)} images (need one per image)")
     return prompts
@@ -64,9 +75,34 @@ def load_image(path: str):
     import torch
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    except (OSError, SyntaxError) as error:  # PIL's errors for a corrupt file
+        raise UserError(f"{path} cannot be decoded ({error})") from None
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def is_image(path: str) -> bool:
+    """Whether PIL can open and verify the file (a truncated or corrupt image fails)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # PIL raises many types for a bad file; every one means "not an image"
+        return False
+    return True
+
+
+def readable(folder: str, names: list[str], prompts: list[str]) -> tuple[list[str], list[str]]:
+    """The images that verify, with their prompts; each one that does not is named on stderr."""
+    kept = [(name, prompt) for name, prompt in zip(names, prompts) if is_image(os.path.join(folder, name))]
+    for name in sorted(set(names) - {name for name, _ in kept}):
+        print(f"rlr-score: warning: {os.path.join(folder, name)} is not a readable image; skipped", file=sys.stderr)
+    if not kept:
+        raise UserError(f"none of the {len(names)} images in {folder!r} can be read")
+    return [name for name, _ in kept], [prompt for _, prompt in kept]
 
 
 def score_folder(reward, folder: str, names: list[str], prompts: list[str], batch_size: int, device: str) -> list[float]:
@@ -75,13 +111,13 @@ def score_folder(reward, folder: str, names: list[str], prompts: list[str], batc
 
     scores: list[float] = []
     for start in range(0, len(names), batch_size):
-        images = [load_image(os.path.join(folder, name)) for name in names[start : start + batch_size]]
+        chunk = [load_image(os.path.join(folder, name)) for name in names[start : start + batch_size]]
         batch_prompts = prompts[start : start + batch_size]
-        groups = [[i] for i in range(len(images))]
-        if len({image.shape for image in images}) == 1:
-            groups = [list(range(len(images)))]
+        groups = [[i] for i in range(len(chunk))]
+        if len({image.shape for image in chunk}) == 1:
+            groups = [list(range(len(chunk)))]
         for group in groups:
-            batch = torch.stack([images[i] for i in group]).to(device)
+            batch = torch.stack([chunk[i] for i in group]).to(device)
             with torch.no_grad():
                 values = reward(batch, [batch_prompts[i] for i in group])
             scores += values.float().cpu().tolist()
@@ -93,6 +129,7 @@ def run(overrides: list[str]) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from rlr_cli.build import instantiate
+    from rlr_cli.commands import check_writable
     from rlr_cli.config import check_nodes, compose, to_plain
 
     config = to_plain(compose(overrides, "score"))
@@ -100,7 +137,14 @@ def run(overrides: list[str]) -> dict:
     names = list_images(config["images"])
     prompts = read_prompts(config["prompt_file"], names)
     check_nodes(config["reward"], "reward")
+    names, prompts = readable(config["images"], names, prompts)
+    output = Path(config["output"] or os.path.join(config["images"], f"scores_{name}.json"))
+    check_writable(output.parent, "output")
     reward = instantiate(config["reward"], "reward")
+    if isinstance(reward, TextLimited) and config["prompt_file"] is not None:
+        cut, limit = reward.overlong(prompts)
+        if cut:
+            print(overlong_warning("rlr-score", cut, len(prompts), limit, f"{name}'s tokenizer"), file=sys.stderr)
     scores = score_folder(reward, config["images"], names, prompts, config["batch_size"], config["device"])
     result = {
         "reward": name,
@@ -109,9 +153,7 @@ def run(overrides: list[str]) -> dict:
         "n": len(scores),
         "scores": dict(zip(names, scores)),
     }
-    output = config["output"] or os.path.join(config["images"], f"scores_{name}.json")
-    with open(output, "w") as file:
-        json.dump(result, file, indent=2)
+    write_json(output, result)
     print(f"{name}: {result['mean']:.4f} +- {result['std']:.4f} (n={result['n']}) -> {output}")
     return result
 

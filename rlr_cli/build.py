@@ -32,6 +32,8 @@ from rlr_cli.interfaces import (
 )
 from rlr_cli.trainer import TrainerConfig
 
+WEIGHTED_GROUPS = ("model", "reward")  # the groups whose building loads weights
+
 
 @dataclass
 class Run:
@@ -71,7 +73,9 @@ def build(plain: dict) -> Run:
     seed = int(plain.get("seed", 0))
     set_seed(seed)  # random inits (e.g. LoRA) are the same in every run and rank
     trusted = trusted_modules(plain)
-    objects = {group: instantiate(plain[group], group, trusted) for group in GROUPS}
+    # Cheap groups first: a bad prompt file stops the run before any weights load.
+    order = sorted(GROUPS, key=lambda group: group in WEIGHTED_GROUPS)
+    objects = {group: instantiate(plain[group], group, trusted) for group in order}
     metrics = {name: instantiate(node, f"metrics.{name}", trusted) for name, node in (plain.get("metrics") or {}).items()}
     return Run(policy=objects["model"], reward=objects["reward"], estimator=objects["estimator"],
                prompts=objects["prompts"], optimizer=objects["optimizer"], trainer=objects["trainer"],

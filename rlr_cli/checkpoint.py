@@ -20,8 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Stateful, TrainablePolicy
+from rlr_cli.run_folder import find_latest
 
 REQUIRED = ("adapter", "optimizer.pt", "state.json")
+# Keys a resumed run may change without saying so: how long it runs, how it reports, where files live.
+FREE_ON_RESUME = ("trainer.resume_from", "trainer.resume_allow", "trainer.max_steps", "trainer.max_samples",
+                  "trainer.progress", "trainer.checkpoint_every", "trainer.eval_every", "paths.", "logger.")
 
 
 @dataclass
@@ -102,3 +106,40 @@ def load_checkpoint(folder: Path, policy: TrainablePolicy, optimizer: Any, sched
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return TrainState(**payload["trainer"])
+
+
+def resume_point(choice: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint folder trainer.resume_from names (latest: of this run folder or its newest sibling)."""
+    if choice is None:
+        return None
+    folder = find_latest(run_dir) if choice == "latest" else Path(choice).expanduser()
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"trainer.resume_from={choice}: no such checkpoint folder")
+    return folder
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if isinstance(tree, dict) and tree:
+        return {key: value for k, v in tree.items() for key, value in _flat(v, f"{prefix}{k}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(folder: Path, config: dict) -> None:
+    """Refuse to resume a checkpoint made with other settings, naming each key that differs, unless
+    trainer.resume_allow lists it (a checkpoint outside a run folder has no config to compare)."""
+    saved_file = folder.parent.parent / "config.yaml"
+    if not saved_file.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_file)))
+    now = _flat(config)
+    allowed = FREE_ON_RESUME + tuple(config["trainer"].get("resume_allow") or ())
+    differs = [key for key in sorted(saved.keys() | now.keys())
+               if saved.get(key) != now.get(key) and not key.startswith(allowed)]
+    if differs:
+        changes = ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in differs[:4])
+        changes += f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+        raise UserError(f"checkpoint {folder} was made with other settings: {changes}; run with its values, or "
+                        f"resume anyway with trainer.resume_allow=[{','.join(differs)}]")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlr_cli.commands import fail, guarded
+from rlr_cli.commands import check_writable, fail, guarded
 from rlr_cli.config import config_dir
 
 PROGRAM = "rlr-train"
@@ -67,8 +67,19 @@ def precheck(argv: list[str]) -> None:
         variants = sweep_variants(job_overrides)
     except HydraException as error:
         fail(PROGRAM, first_line(error))
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
     for variant in variants:
-        validate(compose(variant))
+        plain = validate(compose(variant))
+        check_writable(*output_folder(overrides, plain, multirun))
+
+
+def output_folder(overrides: list[str], plain: dict, multirun: bool) -> tuple[Path, str]:
+    """Where Hydra will create this job's run folder, and the key that sets it."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.partition("=")[2] for o in overrides if o.lstrip("+").partition("=")[0] == key]
+    if given:
+        return Path(given[-1]), key
+    return (Path("multirun"), key) if multirun else (Path(plain["paths"]["output_root"]), "paths.output_root")
 
 
 def run_job(cfg) -> None:
@@ -77,23 +88,35 @@ def run_job(cfg) -> None:
     from omegaconf import OmegaConf
 
     from rlr_cli.build import build
+    from rlr_cli.checkpoint import check_resume_config, resume_point
     from rlr_cli.config import to_plain
     from rlr_cli.launch import inside_group, launch_group
+    from rlr_cli.run_folder import RunFolder
     from rlr_cli.trainer import Trainer
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
-    def body() -> dict:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    def job() -> dict:
+        RunFolder(run_dir).claim()
         plain = to_plain(cfg)
         trainer = plain["trainer"]
+        resumed = resume_point(trainer["resume_from"], run_dir)
+        if resumed is not None:
+            check_resume_config(resumed, plain)
+            RunFolder(resumed.parent.parent).claim()
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if trainer["num_processes"] * trainer["num_machines"] > 1 and not inside_group():
             status = launch_group(plain, run_dir)
             if status != 0:
                 sys.exit(status)
             return {"run_dir": str(run_dir)}
         return Trainer(build(plain), run_dir).train()
+
+    def body() -> dict:
+        try:
+            return job()
+        finally:  # a job stopped before its work, or one resumed into another folder, leaves no folder of its own
+            RunFolder(run_dir).discard_if_unused()
 
     result = guarded(PROGRAM, body)
     print(f"{PROGRAM}: done; run folder {result['run_dir']}", flush=True)

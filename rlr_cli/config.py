@@ -209,8 +209,9 @@ def _describe_error(error, where: str, model, target) -> str:
     key = f"{where}.{field}" if where else field
     parameters = _parameters(model)
     annotation = parameters.get(field)
-    if is_dataclass(annotation) and len(loc) > 1:  # a nested option, e.g. estimator.zo.steps
-        key, annotation = f"{key}.{loc[1]}", typing.get_type_hints(annotation, include_extras=True).get(loc[1])
+    nested = next((a for a in (annotation, *typing.get_args(annotation)) if is_dataclass(a)), None)  # X or X | None
+    if nested is not None and len(loc) > 1:  # a nested option, e.g. estimator.zo.steps, model.lora.dropout
+        key, annotation = f"{key}.{loc[1]}", typing.get_type_hints(nested, include_extras=True).get(loc[1])
     kind = first["type"]
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         valid = ", ".join(parameters) if key.count(".") == where.count(".") + 1 else ""
@@ -271,6 +272,16 @@ def run_facts(plain: dict) -> RunFacts:
     )
 
 
+def check_precision(trainer: dict) -> None:
+    """fp16 needs a GPU (its loss scaler); on a CPU accelerate would silently train in fp32."""
+    import torch
+
+    if trainer["mixed_precision"] == "fp16" and (trainer["cpu"] or not torch.cuda.is_available()):
+        raise UserError("trainer.mixed_precision=fp16 needs a GPU and this run has none (trainer.cpu="
+                        f"{str(trainer['cpu']).lower()}, CUDA available: {torch.cuda.is_available()}); "
+                        "use trainer.mixed_precision=bf16 or no")
+
+
 def trusted_modules(plain: dict) -> tuple[str, ...]:
     return tuple(plain.get("trusted_modules") or ())
 
@@ -286,6 +297,7 @@ def validate(cfg: DictConfig, across_groups: bool = True) -> dict:
     check_nodes(plain, "", trusted)
     if not across_groups:
         return plain
+    check_precision(plain["trainer"])
     estimator = import_target(plain["estimator"]["_target_"], "estimator", trusted)
     if not callable(getattr(estimator, "check", None)):
         raise UserError(f"estimator {plain['estimator']['_target_']} has no check(options, run) (interfaces.Estimator)")

@@ -148,6 +148,10 @@ class Family(Protocol):
         """latents (B,C,h,w) -> decoder output (B,3,H,W) in [-1, 1] (unclamped), float32."""
         ...
 
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        """(how many of prompts the text encoder cuts, its token limit)."""
+        ...
+
 
 @runtime_checkable
 class Policy(Protocol):
@@ -199,6 +203,10 @@ class TrainablePolicy(Policy, Protocol):
 
     def load_adapter(self, directory: str) -> None: ...
 
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        """(how many of prompts the text encoder cuts, its token limit)."""
+        ...
+
 
 class AdapterPolicy(Policy, Protocol):
     """A policy that can hold frozen extra LoRAs (ShortFT's shortcut) beside its trainable one."""
@@ -214,6 +222,15 @@ class AdapterPolicy(Policy, Protocol):
 
 
 # ---- rewards and metrics --------------------------------------------------------------------------
+@runtime_checkable
+class TextLimited(Protocol):
+    """A reward that reads prompts through a tokenizer with a length limit (rlr-score warns of cuts)."""
+
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        """(how many of prompts its tokenizer cuts, its token limit)."""
+        ...
+
+
 @runtime_checkable
 class Reward(Protocol):
     """images (B,3,H,W) in [0,1], prompts (B) -> (B,), higher is better."""
@@ -305,6 +322,10 @@ class Prompts(Protocol):
 
     def eval_prompts(self, n: int) -> list[str]:
         """The first n held-out prompts (fixed)."""
+        ...
+
+    def distinct(self) -> list[str]:
+        """Every prompt the source hands out, training and held-out, once each."""
         ...
 
 

@@ -6,6 +6,7 @@ one run folder and each Hydra multirun job gets its own group.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +46,13 @@ def launch_group(plain: dict, run_dir: Path) -> int:
     if trainer["cpu"] or not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu this gives a real gloo group on CPU
     command = accelerate_command(trainer, run_dir / "config.yaml", run_dir)
-    return subprocess.run(command, env=env).returncode
+    # Ctrl-C reaches every rank from the terminal; each stops at a step boundary with a checkpoint.
+    # This process only waits for them (subprocess.run would kill the group on its KeyboardInterrupt).
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return subprocess.run(command, env=env).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def inside_group() -> bool:

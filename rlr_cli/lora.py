@@ -79,10 +79,35 @@ def load_into(network: torch.nn.Module, state: dict[str, Tensor], where: str, ad
     """Set adapter `adapter` of network from state, tensor for tensor; a file of another model is a UserError."""
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(network, state, adapter)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise UserError(f"adapter in {where} does not fit this model: unexpected keys {unexpected[:3]}")
+    mismatch = difference(state, layers(network, adapter))
+    if mismatch:
+        raise UserError(f"adapter in {where} does not fit this model: {mismatch}")
+    set_peft_model_state_dict(network, state, adapter)
+
+
+def _layer(key: str) -> str:
+    """The layer name LoRA wraps (to_q, to_out.0) in a peft key `<path>.<layer>.lora_A.weight`."""
+    path = key.split(".lora_")[0].split(".")
+    return ".".join(path[-2:]) if path[-1].isdigit() else path[-1]
+
+
+def difference(file: dict[str, Tensor], model: dict[str, Tensor]) -> str:
+    """What differs between a LoRA file's layers and the model's, with the config key to change ('' if none)."""
+    if file.keys() != model.keys():
+        theirs, ours = sorted({_layer(k) for k in file}), sorted({_layer(k) for k in model})
+        if theirs != ours:
+            return (f"it adapts [{', '.join(theirs)}], this model [{', '.join(ours)}] "
+                    f"(set model.lora.target_modules=[{','.join(theirs)}])")
+        odd = sorted(file.keys() ^ model.keys())
+        return f"{len(odd)} layers differ (e.g. {odd[0]}): it was trained on another model (model=)"
+    for key, tensor in file.items():
+        if key.endswith("lora_A.weight") and tensor.shape[0] != model[key].shape[0]:
+            return (f"its LoRA rank is {tensor.shape[0]}, this model's {model[key].shape[0]} "
+                    f"(set model.lora.rank={tensor.shape[0]})")
+        if tensor.shape != model[key].shape:
+            return (f"{key} is {tuple(tensor.shape)} there, {tuple(model[key].shape)} here: it was trained on another "
+                    f"model (model=)")
+    return ""
 
 
 class AdapterSet:

@@ -134,6 +134,9 @@ class DiffusionPolicy:
         steps = as_steps(i, x.shape[0])
         return rollout.chain.predict_x0(steps, x, self.model_output(rollout.chain, steps, x, rollout.cond, True))
 
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        return self.family.overlong(prompts)
+
     def decode(self, latents: Tensor) -> Tensor:
         """latents (B,C,h,w) -> images (B,3,H,W) in [0,1]; checkpointed when grad is on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -2,17 +2,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from rlr_cli.errors import UserError
 
 
+def read_text(file: Path, what: str) -> str:
+    """A UTF-8 text file's contents; a file in another encoding is one line naming the first bad byte."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {file} is not UTF-8 text: byte {error.start} is 0x{data[error.start]:02x} "
+                        f"(save it as UTF-8)") from None
+
+
+def count_overlong(tokenizer: Any, prompts: Sequence[str], limit: int) -> int:
+    """How many prompts a transformers tokenizer makes longer than limit tokens (the text encoder cuts them)."""
+    if not prompts:
+        return 0
+    ids = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+    return sum(len(row) > limit for row in ids)
+
+
+def overlong_warning(program: str, cut: int, total: int, limit: int, what: str) -> str:
+    return (f"{program}: warning: {cut} of {total} prompts are longer than {what}'s {limit} tokens and are cut "
+            f"to {limit}")
+
+
 def read_prompts(path: str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"prompt file {file} does not exist")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(file, "prompt file").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {file} holds no prompts")
     return prompts
@@ -33,6 +57,10 @@ class PromptSource:
     def sample(self, n: int, generator: torch.Generator) -> list[str]:
         indices = torch.randint(len(self.train), (n,), generator=generator)
         return [self.train[i] for i in indices.tolist()]
+
+    def distinct(self) -> list[str]:
+        """Every prompt this source hands out, training and held-out, once each."""
+        return list(dict.fromkeys(self.train + self.eval))
 
     def eval_prompts(self, n: int) -> list[str]:
         """The first n held-out prompts, cycled when fewer exist."""

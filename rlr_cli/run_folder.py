@@ -5,11 +5,18 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+
+from rlr_cli.errors import UserError
+
+SETUP_FILES = {"config.yaml", ".hydra", ".lock"}  # written before a job's first step, with Hydra's <job>.log
+_held: dict[Path, int] = {}  # run folders this process has claimed -> the open lock file
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -71,6 +78,36 @@ class RunFolder:
 
         record = self.path / ".hydra" / "overrides.yaml"
         return [str(o) for o in OmegaConf.load(record)] if record.exists() else []  # type: ignore[union-attr]
+
+    def claim(self) -> None:
+        """Lock the folder for this process (released when it exits); a folder another run holds is refused."""
+        import fcntl
+
+        path = self.path.resolve()
+        if path in _held:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "?"
+            os.close(descriptor)
+            raise UserError(f"run folder {self.path} is in use by another run (pid {holder}); "
+                            f"wait for it or choose another hydra.run.dir") from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        _held[path] = descriptor
+
+    def discard_if_unused(self) -> None:
+        """Remove the folder this process claimed when it holds only what a job writes before its work
+        (config, Hydra's record)."""
+        path = self.path.resolve()
+        if path in _held and all(p.name in SETUP_FILES or p.suffix == ".log" for p in path.iterdir()):
+            shutil.rmtree(path)
+            os.close(_held.pop(path))
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()  # outputs/<run_name>/, when this was its only run
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric lines a killed run wrote after the checkpoint it is resumed from."""

@@ -9,27 +9,30 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from rlr_cli import evaluation
-from rlr_cli.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from rlr_cli.errors import UserError
+from rlr_cli.checkpoint import TrainState, load_checkpoint, resume_point, save_checkpoint
+from rlr_cli.errors import Interrupted, UserError
 from rlr_cli.interfaces import Backward, BufferedEstimator, EstimatorOutput
+from rlr_cli.prompts import overlong_warning
+from rlr_cli.ranges import Count, Positive
 from rlr_cli.report import write_report
-from rlr_cli.run_folder import RunFolder, find_latest, write_json
+from rlr_cli.run_folder import RunFolder, write_json
 
 if TYPE_CHECKING:
     from rlr_cli.build import Run
 
-Count = Annotated[int, Field(ge=0)]
-Positive = Annotated[int, Field(ge=1)]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class TrainerConfig:
     eval_batch_size: Positive
     eval_seed: int
     resume_from: str | None
+    resume_allow: list[str]
     max_nonfinite: Positive
     mixed_precision: Literal["no", "bf16", "fp16"]
     cpu: bool
@@ -74,22 +78,21 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(run.seed + 1_000_003 * self.rank)
         self.state = TrainState()
         self.pending: list[Any] = []  # a buffered estimator's updates still to run on its collected batch
+        self.timing: list[float] = []  # seconds of this process's steps, for the ETA
+        self.eval_seconds = 0.0  # of the latest evaluation
         self.run_dir = self._resume(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = run.logger.open(self.run_dir, run.config) if self.is_main else None
+        self._warn_overlong()
 
     # ---- resume ----------------------------------------------------------------------------------
     def _resume(self, run_dir: Path) -> Path:
         """Restore from trainer.resume_from; the run then continues in the checkpoint's run folder."""
-        choice = self.cfg.resume_from
-        if choice is None:
-            return run_dir
-        folder = find_latest(run_dir) if choice == "latest" else Path(choice).expanduser()
+        folder = resume_point(self.cfg.resume_from, run_dir)
         if folder is None:
-            self._say(f"resume_from=latest: no checkpoint under {run_dir.parent}, starting fresh")
+            if self.cfg.resume_from is not None:
+                self._say(f"resume_from=latest: no checkpoint under {run_dir.parent}, starting fresh")
             return run_dir
-        if not folder.is_dir():
-            raise UserError(f"trainer.resume_from={choice}: no such checkpoint folder")
         self.state = load_checkpoint(folder, self.policy, self.optimizer, self.scheduler, self.generator,
                                      self.run.estimator, self.accelerator.scaler, self.rank)
         resumed_dir = folder.parent.parent
@@ -98,43 +101,72 @@ class Trainer:
         self._say(f"resumed from {folder} at step {self.state.step}; writing to {resumed_dir}")
         return resumed_dir
 
+    def _warn_overlong(self) -> None:
+        prompts = self.run.prompts.distinct()
+        cut, limit = self.policy.overlong(prompts)
+        if cut and self.is_main:
+            print(overlong_warning("rlr-train", cut, len(prompts), limit, "the text encoder"), file=sys.stderr, flush=True)
+
     # ---- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg = self.cfg
-        if cfg.eval_every and self.state.step == 0:
-            self.evaluate()
         bar = self._progress_bar()
-        checkpoint_due = False
         try:
-            while self.state.step < cfg.max_steps and not self._sample_budget_spent():
-                metrics = self.train_step()
-                self.state.step += 1
-                self._log(metrics, self.state.step)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", sec=f"{metrics['step_seconds']:.2f}")
-                if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
-                    self.stop_nonfinite()
-                checkpoint_due |= bool(cfg.checkpoint_every) and self.state.step % cfg.checkpoint_every == 0
-                if checkpoint_due and not self.pending:  # between a buffered estimator's batches
-                    self.checkpoint()
-                    checkpoint_due = False
-                if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
-                    self.evaluate()
-            if cfg.eval_every and self.state.step % cfg.eval_every and self.state.step < cfg.max_steps:
-                self.evaluate()  # a sample budget ended the run between evaluations
+            with StopRequest(self._say) as stop:
+                self._loop(bar, stop)
             self.save_final_adapter()
             self.check_ranks_in_sync()
+        except OSError as error:
+            if error.filename is None:
+                raise
+            raise UserError(f"cannot write {error.filename} ({error.strerror}); stopped after step "
+                            f"{self.state.step}. {self._last_checkpoint()}") from None
         except KeyboardInterrupt:
-            self._say(f"interrupted at step {self.state.step}: saving a checkpoint")
-            self.checkpoint()
-            raise
+            raise Interrupted(f"interrupted in step {self.state.step + 1}, which is lost. {self._last_checkpoint()}") from None
         finally:
             bar.close()
             if self.logger is not None:
                 self.logger.close()
-        if self.is_main and cfg.eval_every:
+        if self.is_main and self.cfg.eval_every:
             print(write_report(self.run_dir), flush=True)
         return {"run_dir": str(self.run_dir), "step": self.state.step}
+
+    def _loop(self, bar, stop: StopRequest) -> None:
+        cfg = self.cfg
+        if cfg.eval_every and self.state.step == 0:
+            self.evaluate()
+        checkpoint_due = False
+        while self.state.step < cfg.max_steps and not self._sample_budget_spent():
+            if not self.pending and self._all_ranks_agree(stop.requested):  # a step boundary, not mid-batch
+                folder = self.checkpoint()
+                raise Interrupted(f"stopped by Ctrl-C after step {self.state.step}; its checkpoint is {folder} "
+                                  f"(resume: the same command with trainer.resume_from=latest)")
+            metrics = self.train_step()
+            self.state.step += 1
+            self._log(metrics, self.state.step)
+            bar.update(1)
+            self.timing.append(metrics["step_seconds"])
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", sec=f"{metrics['step_seconds']:.2f}", eta=self._eta())
+            if self.state.nonfinite_in_a_row >= cfg.max_nonfinite:
+                self.stop_nonfinite()
+            checkpoint_due |= bool(cfg.checkpoint_every) and self.state.step % cfg.checkpoint_every == 0
+            if checkpoint_due and not self.pending:  # between a buffered estimator's batches
+                self.checkpoint()
+                checkpoint_due = False
+            if cfg.eval_every and (self.state.step % cfg.eval_every == 0 or self.state.step == cfg.max_steps):
+                self.evaluate()
+        if cfg.eval_every and self.state.step % cfg.eval_every and self.state.step < cfg.max_steps:
+            self.evaluate()  # a sample budget ended the run between evaluations
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """True when any rank has the flag (every rank then takes the same branch)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "max").item())  # type: ignore[union-attr]
+
+    def _last_checkpoint(self) -> str:
+        saved = RunFolder(self.run_dir).checkpoints()
+        return f"The last complete checkpoint is {saved[-1]}." if saved else "No checkpoint was written."
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def _backward(self, parts: int) -> Backward:
@@ -251,7 +283,8 @@ class Trainer:
                                     self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
         logged = {"eval_reward_mean": record["reward_mean"], "eval_reward_se": record["reward_se"]}
         logged |= {f"eval_{key}": value["mean"] for key, value in record["metrics"].items()}
-        self._log(logged | {"eval_seconds": time.perf_counter() - start}, step)
+        self.eval_seconds = time.perf_counter() - start
+        self._log(logged | {"eval_seconds": self.eval_seconds}, step)
         if self.logger is not None:
             self.logger.log_images(result.images, captions, step)
         return record
@@ -289,7 +322,20 @@ class Trainer:
         from tqdm.auto import tqdm
 
         disable = not (self.is_main and self.cfg.progress)
-        return tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", unit="step", disable=disable)
+        # tqdm's own remaining time counts steps only; the postfix's eta includes the evaluations to come
+        layout = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+        return tqdm(total=self.cfg.max_steps, initial=self.state.step, desc="train", unit="step", disable=disable,
+                    bar_format=layout)
+
+    def _eta(self) -> str:
+        """Time left: the remaining steps at this run's mean step time plus the evaluations still due."""
+        from tqdm import tqdm
+
+        cfg, step = self.cfg, self.state.step
+        due = range(step + 1, cfg.max_steps + 1)
+        evals = sum(s % cfg.eval_every == 0 or s == cfg.max_steps for s in due) if cfg.eval_every else 0
+        left = len(due) * sum(self.timing) / len(self.timing) + evals * self.eval_seconds
+        return tqdm.format_interval(left)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.logger is not None:
@@ -298,6 +344,30 @@ class Trainer:
     def _say(self, message: str) -> None:
         if self.is_main:
             print(f"rlr-train: {message}", flush=True)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, with a checkpoint of the steps
+    done (so resume is exact); a second Ctrl-C stops at once."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.requested, self.say = False, say
+
+    def __enter__(self) -> StopRequest:
+        self.main_thread = threading.current_thread() is threading.main_thread()  # signals reach only it
+        if self.main_thread:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.main_thread:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, losing the step)")
 
 
 def peak_memory_mb() -> float:

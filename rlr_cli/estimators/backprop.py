@@ -21,9 +21,8 @@ from rlr_cli.estimators.common import (
     utility,
 )
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+from rlr_cli.ranges import NonNegativeFloat, Positive, PositiveFloat
 from rlr_cli.sampling import as_steps
-
-PositiveInt = Annotated[int, Field(ge=1)]
 
 
 def _pathwise(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
@@ -39,7 +38,7 @@ def _pathwise(policy: Policy, reward: Reward, prompts: Sequence[str], generator:
 class FullBackprop:
     """Pathwise gradient through every transition (unbiased; memory bounded by checkpointing)."""
 
-    def __init__(self, *, target: float | None, reward_scale: float):
+    def __init__(self, *, target: float | None, reward_scale: PositiveFloat):
         self.target, self.reward_scale = target, reward_scale
 
     @staticmethod
@@ -63,14 +62,14 @@ class TruncatedBackprop:
         self,
         *,
         mode: Literal["fixed", "random_per_trajectory", "random_per_step"],
-        k: PositiveInt,
+        k: Positive,
         distribution: Literal["gaussian", "uniform"],
-        k_mean: float,
+        k_mean: NonNegativeFloat,
         k_std: Annotated[float, Field(ge=0)],
-        k_min: PositiveInt,
-        k_max: PositiveInt,
+        k_min: Positive,
+        k_max: Positive,
         target: float | None,
-        reward_scale: float,
+        reward_scale: PositiveFloat,
     ):
         self.mode, self.k, self.distribution = mode, k, distribution
         self.k_mean, self.k_std, self.k_min, self.k_max = k_mean, k_std, k_min, k_max
@@ -117,7 +116,7 @@ class DraftLV:
     Cost: n UNet calls with grad, n decodes.
     """
 
-    def __init__(self, *, n: PositiveInt, target: float | None, reward_scale: float):
+    def __init__(self, *, n: Positive, target: float | None, reward_scale: PositiveFloat):
         self.n, self.target, self.reward_scale = n, target, reward_scale
 
     @staticmethod
@@ -155,7 +154,7 @@ class ReFL:
     policy samples the whole chain (the protocol has no early stop): up to last_steps no-grad calls wasted.
     """
 
-    def __init__(self, *, last_steps: PositiveInt, target: float, grad_scale: float):
+    def __init__(self, *, last_steps: Positive, target: float, grad_scale: PositiveFloat):
         self.last_steps, self.target, self.grad_scale = last_steps, target, grad_scale
 
     @staticmethod

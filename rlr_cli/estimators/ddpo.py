@@ -36,8 +36,7 @@ from rlr_cli.estimators.common import (
     utility,
 )
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
-
-PositiveInt = Annotated[int, Field(ge=1)]
+from rlr_cli.ranges import Positive, PositiveFloat
 
 
 class PerPromptStatTracker:
@@ -90,20 +89,20 @@ class DDPO:
     def __init__(
         self,
         *,
-        num_inner_epochs: PositiveInt,
-        train_batch_size: PositiveInt,
-        grad_accum: PositiveInt,
+        num_inner_epochs: Positive,
+        train_batch_size: Positive,
+        grad_accum: Positive,
         timestep_fraction: Annotated[float, Field(gt=0, le=1)],
         clip_range: Annotated[float, Field(gt=0)] | None,
         adv_clip_max: Annotated[float, Field(gt=0)],
         advantages: Literal["ddpo", "leave_one_out"],
         per_prompt_stat_tracking: bool,
-        stat_buffer_size: PositiveInt,
-        stat_min_count: PositiveInt,
+        stat_buffer_size: Positive,
+        stat_min_count: Positive,
         log_prob_reduce: Literal["mean", "sum"],
         timestep_reduce: Literal["mean", "sum"],
         target: float | None,
-        reward_scale: float,
+        reward_scale: PositiveFloat,
     ):
         self.num_inner_epochs, self.train_batch_size, self.grad_accum = num_inner_epochs, train_batch_size, grad_accum
         self.timestep_fraction, self.clip_range, self.adv_clip_max = timestep_fraction, clip_range, adv_clip_max

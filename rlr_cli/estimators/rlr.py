@@ -35,6 +35,7 @@ from rlr_cli.estimators.common import (
     utility,
 )
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+from rlr_cli.ranges import NonNegativeFloat, PositiveFloat
 from rlr_cli.sampling import gaussian_log_prob
 
 
@@ -96,13 +97,13 @@ class RLR:
         h: Annotated[int, Field(ge=1)],
         fo_steps: Annotated[int, Field(ge=0)],
         zo: ZerothOrder,
-        fo_weight: float,
-        ho_weight: float,
-        zo_weight: float,
+        fo_weight: NonNegativeFloat,
+        ho_weight: NonNegativeFloat,
+        zo_weight: NonNegativeFloat,
         baseline: Baseline,
         advantage_std: bool,
         target: float | None,
-        reward_scale: float,
+        reward_scale: PositiveFloat,
     ):
         self.h, self.fo_steps, self.zo = h, fo_steps, zo
         self.fo_weight, self.ho_weight, self.zo_weight = fo_weight, ho_weight, zo_weight
@@ -212,11 +213,11 @@ class RLROfficial:
         self,
         *,
         chain_len: Annotated[int, Field(ge=1)],
-        fo_weight: float,
-        ho_weight: float,
+        fo_weight: NonNegativeFloat,
+        ho_weight: NonNegativeFloat,
         clip_range: Annotated[float, Field(gt=0)],
         target: float | None,
-        reward_scale: float,
+        reward_scale: PositiveFloat,
     ):
         self.chain_len, self.fo_weight, self.ho_weight, self.clip_range = chain_len, fo_weight, ho_weight, clip_range
         self.target, self.reward_scale = target, reward_scale

@@ -19,6 +19,7 @@ from pydantic import Field
 from rlr_cli.errors import UserError
 from rlr_cli.estimators.common import LossTerms, require_differentiable, reward_metrics, score, utility
 from rlr_cli.interfaces import AdapterPolicy, Backward, EstimatorOutput, Reward, RunFacts
+from rlr_cli.ranges import NonNegativeFloat, PositiveFloat
 from rlr_cli.sampling import DDIMChain
 from rlr_cli.shortcut import SHORTCUT_ADAPTER, ShortcutChain, load_shortcut_state
 
@@ -33,15 +34,15 @@ class ShortFT:
         timesteps: str | list[int],
         scheduler: Literal["ddim", "tcd", "lcm"],
         gamma: Annotated[float, Field(ge=0, le=1)],
-        guidance_scale: float | None,
+        guidance_scale: NonNegativeFloat | None,
         long_steps: Annotated[int, Field(ge=0)],
         shortcut_path: str | None,
         shortcut_hub_id: str | None,
         shortcut_weight_name: str | None,
-        shortcut_scale: float,
+        shortcut_scale: PositiveFloat,
         cache_dir: str | None,
         target: float | None,
-        reward_scale: float,
+        reward_scale: PositiveFloat,
     ):
         self.k, self.timesteps, self.gamma = k, timesteps, gamma
         self.rule: Literal["ddim", "tcd", "lcm"] = scheduler

@@ -14,6 +14,8 @@ from torch import Tensor
 from rlr_cli.lora import LoraOptions
 from rlr_cli.models.loading import Dtype, load_pipeline, vae_decode
 from rlr_cli.policy import DiffusionPolicy
+from rlr_cli.prompts import count_overlong
+from rlr_cli.ranges import NonNegativeFloat
 from rlr_cli.sampling import DDIMChain
 
 
@@ -67,6 +69,10 @@ class StableDiffusion:
                              truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
+    def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
+        limit = self.tokenizer.model_max_length
+        return count_overlong(self.tokenizer, prompts, limit), limit
+
     def encode(self, prompts: Sequence[str], negative: bool) -> TextConditioning:
         return TextConditioning(self._embed(prompts), self._embed([self.negative_prompt] * len(prompts)) if negative else None)
 
@@ -95,7 +101,7 @@ def policy(
     cache_dir: str | None,
     num_steps: Annotated[int, Field(ge=1)],
     eta: Annotated[float, Field(ge=0)],
-    guidance_scale: float,
+    guidance_scale: NonNegativeFloat,
     negative_prompt: str,
     resolution: Annotated[int, Field(ge=8)] | None,
     lora: LoraOptions | None,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlr_cli.ranges import Positive
+
 IMAGE_SIZE = 32  # pixels, final resolution
 SUPERSAMPLE = 2  # drawn at 2x then averaged down
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -135,6 +137,6 @@ def eval_batch(n: int, seed: int = 0) -> tuple[Tensor, Labels, list[str]]:
     return render(labels), labels, captions(labels)
 
 
-def eval_prompts(n: int, seed: int = 0) -> list[str]:
+def eval_prompts(n: Positive, seed: int = 0) -> list[str]:
     """n held-out evaluation prompts (captions of held-out seeds; same as eval_batch(n, seed) captions)."""
     return captions(sample_labels(n, EVAL_SEED_BASE + seed))

@@ -2,7 +2,10 @@
 defaults of every option live in its YAML file alone."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import types
+import typing
 
 import pytest
 
@@ -60,6 +63,44 @@ def test_defaults_live_in_the_yaml_alone(option):
         defaults = [name for name, p in inspect.signature(target).parameters.items()
                     if p.default is not inspect.Parameter.empty and name in node]
         assert not defaults, f"{where}: {node['_target_']} has Python defaults for {defaults}"
+
+
+FREE_NUMBERS = {"target", "seed", "eval_seed"}  # any value is meaningful: a reward level, a random seed
+
+
+def unbounded_number(annotation) -> bool:
+    """int or float (or either | None) with no Field range."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(unbounded_number(a) for a in typing.get_args(annotation) if a is not type(None))
+    return annotation in (int, float)
+
+
+def options_of(target) -> dict:
+    """Each keyword option of a target with its annotation, nested dataclass fields as `option.field`."""
+    hints = typing.get_type_hints(target if inspect.isclass(target) and dataclasses.is_dataclass(target)
+                                  else target.__init__ if inspect.isclass(target) else target, include_extras=True)
+    found = dict(hints)
+    for name, annotation in hints.items():
+        for member in (annotation, *typing.get_args(annotation)):
+            if dataclasses.is_dataclass(member):
+                found |= {f"{name}.{k}": v for k, v in typing.get_type_hints(member, include_extras=True).items()}
+    return found
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.split("=")[0] not in ("experiment", "setup", "recipe")])
+def test_every_number_has_a_range(option):
+    """Counts, sizes, rates, probabilities and scales are range-checked by the validation pass."""
+    plain = validate(compose_config(option), across_groups=False)
+    group = option.split("=")[0]
+    for where, node in nodes(plain[group] if group in plain else plain, group):
+        target = import_target(node["_target_"], where)
+        if not target.__module__.startswith(("rlr_cli.", "rewards.")):
+            continue
+        free = [name for name, annotation in options_of(target).items() if name.split(".")[0] in node
+                and name.split(".")[-1] not in FREE_NUMBERS and unbounded_number(annotation)]
+        assert not free, f"{where}: {node['_target_']} takes {free} without a range (rlr_cli/ranges.py)"
 
 
 def test_validation_rejects_a_wrong_type():

@@ -114,6 +114,14 @@ def test_scores_depend_on_the_prompt_for_text_rewards(built):
         assert not torch.equal(reward(x, PROMPTS[:1]), reward(x, PROMPTS[1:])), name
 
 
+@pytest.mark.parametrize("name", ["hps", "pickscore", "imagereward"])
+def test_text_rewards_count_the_prompts_their_tokenizer_cuts(built, name):
+    """overlong agrees with the tokens the reward really feeds its text tower (rlr-score's warning)."""
+    reward = built(name)
+    cut, limit = reward.overlong(["a cat", " ".join(["cat"] * 200), "a dog"])
+    assert (cut, limit) == (1, reward.model.context_length if name == "hps" else reward.max_length)
+
+
 def test_non_differentiable_rewards_give_no_gradient_and_weighted_says_so():
     x = images()
     jpeg = make("jpeg_compressibility")
