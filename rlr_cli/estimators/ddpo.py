@@ -138,53 +138,75 @@ class DDPO:
         return adv.to(u.device).clamp(-self.adv_clip_max, self.adv_clip_max)
 
     def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:
-        with torch.no_grad():
-            rollout = detached(policy.sample(prompts, generator=generator, grad_steps=()))
-            rewards = score(policy, reward, rollout.final, prompts).detach()
-        u = utility(rewards, self.target, self.reward_scale)
-        b, t = len(prompts), policy.num_steps
-        trained = max(1, int(t * self.timestep_fraction))
-        batch = Batch(rollout, rewards, self._advantages(u, prompts), trained)
-        sub_batches: list[tuple[Tensor, Tensor]] = []
-        for _ in range(self.num_inner_epochs):
-            order = torch.randperm(b, generator=generator)
-            times = torch.stack([torch.randperm(t, generator=generator)[:trained] for _ in range(b)])
-            for s in range(0, b, self.train_batch_size):
-                idx = order[s : s + self.train_batch_size]
-                sub_batches.append((idx, times[idx]))
-        groups = [sub_batches[s : s + self.grad_accum] for s in range(0, len(sub_batches), self.grad_accum)]
-        return [Update(batch, group, first=n == 0) for n, group in enumerate(groups)]
+        rollout, rewards = sample_and_score(policy, reward, prompts, generator)
+        advantages = self._advantages(utility(rewards, self.target, self.reward_scale), prompts)
+        batch = Batch(rollout, rewards, advantages, max(1, int(policy.num_steps * self.timestep_fraction)))
+        return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
     # -- training ----------------------------------------------------------------------------------
     def update(self, policy: Policy, reward: Reward, update: Update, backward: Backward) -> EstimatorOutput:
-        batch = update.batch
-        rollout, adv, trained = batch.rollout, batch.advantages, batch.trained
-        dims = rollout.latents[0, 0].numel()
-        # accelerate's average over grad_accum * trained terms, or the estimator's sum over transitions
-        per_term = 1.0 / len(update.sub_batches) / (trained if self.timestep_reduce == "mean" else trained / policy.num_steps)
-        terms = LossTerms(backward)
-        kls, clipped, used = [], [], []
-        for idx, times in update.sub_batches:
-            used.append(idx)
-            sub = select(rollout, idx)
-            rows = torch.arange(len(idx))
-            for slot in range(trained):
-                steps = times[:, slot]  # each sample at its own transition: one denoiser call
-                new = policy.step_log_prob(sub, steps, reduce=self.log_prob_reduce)
-                old = sub.log_probs[rows, steps].to(new) * (dims if self.log_prob_reduce == "sum" else 1)
-                a = adv[idx].to(new)
-                ratio = torch.exp(new - old)
-                loss = -a * ratio
-                if self.clip_range is not None:
-                    loss = torch.maximum(loss, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
-                    clipped.append(((ratio.detach() - 1).abs() > self.clip_range).float())
-                terms.add(per_term * loss.mean())
-                kls.append(0.5 * (new.detach() - old) ** 2)
-        used_samples = torch.cat(used)
-        metrics = reward_metrics(batch.rewards) | {
-            "approx_kl": torch.cat(kls).mean().item(),
-            "clipfrac": torch.cat(clipped).mean().item() if clipped else 0.0,
-            "sampled": float(update.first),
-            "advantage_abs_mean": adv.abs().mean().item(),
-        }
-        return EstimatorOutput(loss=terms.total, rewards=batch.rewards[used_samples], metrics=metrics)
+        return ppo_update(policy, update, backward, self.clip_range, self.log_prob_reduce, self.timestep_reduce)
+
+
+def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator
+                     ) -> tuple[Rollout, Tensor]:
+    """Trajectories without gradients (their log-probabilities stored) and their rewards."""
+    with torch.no_grad():
+        rollout = detached(policy.sample(prompts, generator=generator, grad_steps=()))
+        rewards = score(policy, reward, rollout.final, prompts).detach()
+    return rollout, rewards
+
+
+def plan(batch: Batch, generator: torch.Generator, num_inner_epochs: int, train_batch_size: int,
+         grad_accum: int) -> list[Update]:
+    """The batch's schedule: inner epochs, each shuffling the samples and (per sample) the timesteps, cut
+    into sub-batches, grad_accum of them per optimizer step."""
+    b, t = batch.rollout.latents.shape[0], batch.rollout.chain.num_steps
+    sub_batches: list[tuple[Tensor, Tensor]] = []
+    for _ in range(num_inner_epochs):
+        order = torch.randperm(b, generator=generator)
+        times = torch.stack([torch.randperm(t, generator=generator)[: batch.trained] for _ in range(b)])
+        for s in range(0, b, train_batch_size):
+            idx = order[s : s + train_batch_size]
+            sub_batches.append((idx, times[idx]))
+    groups = [sub_batches[s : s + grad_accum] for s in range(0, len(sub_batches), grad_accum)]
+    return [Update(batch, group, first=n == 0) for n, group in enumerate(groups)]
+
+
+def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: float | None,
+               log_prob_reduce: str, timestep_reduce: str) -> EstimatorOutput:
+    """One optimizer step of the PPO-clipped likelihood ratio over the update's sub-batches."""
+    batch = update.batch
+    rollout, adv, trained = batch.rollout, batch.advantages, batch.trained
+    dims = rollout.latents[0, 0].numel()
+    # accelerate's average over grad_accum * trained terms, or the estimator's sum over transitions
+    per_term = 1.0 / len(update.sub_batches) / (trained if timestep_reduce == "mean" else trained / policy.num_steps)
+    terms = LossTerms(backward)
+    kls, clipped, ratios, used = [], [], [], []
+    for idx, times in update.sub_batches:
+        used.append(idx)
+        sub = select(rollout, idx)
+        rows = torch.arange(len(idx))
+        for slot in range(trained):
+            steps = times[:, slot]  # each sample at its own transition: one denoiser call
+            new = policy.step_log_prob(sub, steps, reduce=log_prob_reduce)
+            old = sub.log_probs[rows, steps].to(new) * (dims if log_prob_reduce == "sum" else 1)
+            a = adv[idx].to(new)
+            ratio = torch.exp(new - old)
+            loss = -a * ratio
+            if clip_range is not None:
+                loss = torch.maximum(loss, -a * ratio.clamp(1 - clip_range, 1 + clip_range))
+                clipped.append(((ratio.detach() - 1).abs() > clip_range).float())
+            terms.add(per_term * loss.mean())
+            kls.append(0.5 * (new.detach() - old) ** 2)
+            ratios.append(ratio.detach())
+    used_samples = torch.cat(used)
+    metrics = reward_metrics(batch.rewards) | {
+        "approx_kl": torch.cat(kls).mean().item(),
+        "clipfrac": torch.cat(clipped).mean().item() if clipped else 0.0,
+        "sampled": float(update.first),
+        "advantage_abs_mean": adv.abs().mean().item(),
+        # on the batch's first update the policy is the one that sampled: 1 up to float rounding
+        "ratio_deviation": (torch.cat(ratios) - 1).abs().max().item(),
+    }
+    return EstimatorOutput(loss=terms.total, rewards=batch.rewards[used_samples], metrics=metrics)

@@ -39,8 +39,10 @@ def test_preset_runs_two_steps_on_the_toy_model(preset, tmp_path, monkeypatch):
         pytest.skip(f"published prompt lists not found in {SHARED_DATA}")
     monkeypatch.setenv("RLR_DATA_DIR", str(SHARED_DATA))
     extra = hydra_overrides(write_standin(reward, tmp_path / "weights")) if reward else []
-    if "ddpo" in preset:
+    if "ddpo" in preset or "grpo" in preset:
         extra += ["estimator.train_batch_size=2", "estimator.grad_accum=1"]
+    if "grpo" in preset:
+        extra += ["estimator.group_size=2"]
     run = build_run(f"experiment={preset}", *SMALL, *extra)
     result = Trainer(run, tmp_path / "run").train()
     lines = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -70,6 +70,22 @@ def test_unbiased_on_linear_gaussian(problem, name):
     assert stats["rel_bias_se"] < 0.35, f"too few draws to say anything: {stats}"  # the test has power
 
 
+def test_grpo_without_std_is_the_scaled_likelihood_ratio(problem):
+    """GRPO with std none, no clips, one inner epoch, every transition: (G - 1) / G of grad J (its group mean
+    includes the sample itself) over dims * T (log-probs and terms averaged, Flow-GRPO's convention)."""
+    policy, reward, exact = problem
+    g, batch = 4, len(PROMPTS)
+    grpo = component("estimator=grpo", f"estimator.group_size={g}", "estimator.std=none", "estimator.clip_range=null",
+                     "estimator.adv_clip_max=1e9",
+                     "estimator.timestep_fraction=1.0", f"estimator.train_batch_size={batch}", "estimator.grad_accum=1",
+                     f"trainer.batch_size={batch}")
+    estimates, _, _ = draw_estimates(grpo, policy, reward, PROMPTS, 300, seed=7)
+    dims = policy.sample(["a"], generator=torch.Generator().manual_seed(0)).latents[0, 0].numel()
+    stats = bias_statistics(estimates * g / (g - 1) * dims * policy.num_steps, exact)
+    assert stats["rel_bias"] < 3 * stats["rel_bias_se"], stats
+    assert stats["rel_bias_se"] < 0.35, f"too few draws to say anything: {stats}"
+
+
 BIASED = {
     "truncated_bp_k1": lambda T: component("estimator=truncated_bp", "estimator.k=1"),
     "rlr_zo_none": lambda T: rlr("estimator.h=1", "estimator.zo.mode=none"),  # drops the ZO transitions

@@ -148,6 +148,37 @@ def test_ddpo_batch_advantages_use_numpys_std_as_ddpo_pytorch():
     assert ddpo._advantages(u, ["a"] * 4).numpy() == pytest.approx(np.clip(expected, -5, 5), rel=1e-6)
 
 
+def test_grpo_groups_prompts_and_normalises_within_each_group_as_flow_grpo():
+    """batch_size / G prompts, each G times; (r - group mean) / (std + 1e-4) with numpy's std (per group,
+    or of the batch), or r - group mean; clipped at adv_clip_max."""
+    import numpy as np
+
+    grpo = component("estimator=grpo", "estimator.group_size=3", "trainer.batch_size=6", "estimator.train_batch_size=3")
+    assert grpo.groups(["a", "b", "c", "d", "e", "f"]) == ["a", "a", "a", "b", "b", "b"]
+    u = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 30.0])
+    groups = u.numpy().reshape(2, 3)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    expected = {"group": centred / (groups.std(axis=1, keepdims=True) + 1e-4), "global": centred / (u.numpy().std() + 1e-4),
+                "none": centred}
+    for std, values in expected.items():
+        grpo.std = std
+        assert grpo.advantages(u).numpy() == pytest.approx(np.clip(values, -5, 5).flatten(), rel=1e-6)
+
+
+def test_grpo_ratio_is_one_on_the_first_update_then_moves(tiny_path):
+    """Flow-GRPO / DanceGRPO's debug rule: on the batch's first update the policy is the sampler (ratio 1)."""
+    policy = component(*TINY)
+    grpo = component("estimator=grpo", "estimator.group_size=2", "estimator.num_inner_epochs=2",
+                     "estimator.train_batch_size=4", "estimator.grad_accum=1", "trainer.batch_size=4")
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=10.0)
+    deviations = []
+    for update in grpo.collect(policy, Saturation(), ["a", "b", "c", "d"], torch.Generator().manual_seed(0)):
+        optimizer.zero_grad()
+        deviations.append(grpo.update(policy, Saturation(), update, backward).metrics["ratio_deviation"])
+        optimizer.step()
+    assert deviations[0] < 1e-5 < deviations[1]
+
+
 def test_ddim_chain_noises_x0_as_diffusers_add_noise(tiny_path):
     """DRaFT-LV's re-noising is the forward process q(x_t | x_0): diffusers' scheduler.add_noise."""
     from diffusers import DDIMScheduler
