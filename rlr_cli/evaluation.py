@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rlr_cli.images import save_grid
-from rlr_cli.interfaces import Metric, Policy
+from rlr_cli.interfaces import Chain, Metric, Policy
 from rlr_cli.run_folder import write_json
 
 
@@ -43,8 +43,9 @@ def _per_sample(name: str, output: Tensor | dict[str, Tensor]) -> dict[str, Tens
 
 @torch.no_grad()
 def evaluate(policy: Policy, reward: Metric, metrics: Mapping[str, Metric], prompts: Sequence[str], seed: int,
-             batch_size: int, progress: bool = False) -> Evaluation:
-    """Sample the prompts with one generator seeded `seed` (the same images every time) and score them."""
+             batch_size: int, progress: bool = False, chain: Chain | None = None) -> Evaluation:
+    """Sample the prompts with one generator seeded `seed` (the same images every time), on `chain` (None:
+    the policy's), and score them."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +53,7 @@ def evaluate(policy: Policy, reward: Metric, metrics: Mapping[str, Metric], prom
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
         chunk = list(prompts[start : start + batch_size])
-        batch = policy.decode(policy.sample(chunk, generator=generator).final)
+        batch = policy.decode(policy.sample(chunk, generator=generator, chain=chain).final)
         rewards.append(_per_sample("reward", reward(batch, chunk))["reward"])
         for name, metric in metrics.items():
             for key, values in _per_sample(name, metric(batch, chunk)).items():

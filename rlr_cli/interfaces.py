@@ -207,6 +207,10 @@ class TrainablePolicy(Policy, Protocol):
         """(how many of prompts the text encoder cuts, its token limit)."""
         ...
 
+    def eval_chain(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> Chain:
+        """The training chain with these sampling settings replaced (None keeps the training value)."""
+        ...
+
 
 class AdapterPolicy(Policy, Protocol):
     """A policy that can hold frozen extra LoRAs (ShortFT's shortcut) beside its trainable one."""

@@ -17,7 +17,7 @@ from rlr_cli import lora
 from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Chain, Family, Rollout, Transition
 from rlr_cli.lora import LoraOptions
-from rlr_cli.sampling import as_steps, column, gaussian_log_prob
+from rlr_cli.sampling import DDIMChain, as_steps, column, gaussian_log_prob
 
 
 class DiffusionPolicy:
@@ -133,6 +133,16 @@ class DiffusionPolicy:
     def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
         steps = as_steps(i, x.shape[0])
         return rollout.chain.predict_x0(steps, x, self.model_output(rollout.chain, steps, x, rollout.cond, True))
+
+    def eval_chain(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> Chain:
+        """The chain held-out samples are drawn on: the training chain with these settings replaced (None
+        keeps the training value)."""
+        if num_steps is None and eta is None and guidance_scale is None:
+            return self.chain
+        if not isinstance(self.chain, DDIMChain):
+            raise UserError(f"trainer.eval_sampling needs a DDIM chain; this policy samples {type(self.chain).__name__}")
+        return self.chain.resampled(num_steps or self.chain.num_steps, self.chain.eta if eta is None else eta,
+                                    guidance_scale)
 
     def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
         return self.family.overlong(prompts)

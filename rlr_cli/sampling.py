@@ -37,6 +37,7 @@ class DDIMChain:
     guidance_scale: float | None = None  # the policy's own
 
     def __init__(self, scheduler, num_steps: int, eta: float):
+        self.scheduler_config = scheduler.config
         scheduler.set_timesteps(num_steps)
         self.timesteps = scheduler.timesteps.clone().cpu()  # (T,) descending
         self.num_steps, self.eta = num_steps, eta
@@ -57,6 +58,14 @@ class DDIMChain:
         self._sqrt_one_minus_a = table([math.sqrt(1 - a) for a in a_t])
         self._sqrt_a_prev = table([math.sqrt(a) for a in a_prev])
         self._eps_coef = table([math.sqrt(max(1 - p - s**2, 0.0)) for p, s in zip(a_prev, std)])
+
+    def resampled(self, num_steps: int, eta: float, guidance_scale: float | None) -> DDIMChain:
+        """The same schedule sampled with other settings (held-out evaluation's own); guidance None: the policy's."""
+        from diffusers import DDIMScheduler
+
+        chain = DDIMChain(DDIMScheduler.from_config(self.scheduler_config), num_steps, eta)
+        chain.guidance_scale = guidance_scale
+        return chain
 
     def adapters(self, i: int) -> tuple[str, ...]:
         return ()

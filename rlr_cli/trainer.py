@@ -26,13 +26,22 @@ from rlr_cli.checkpoint import TrainState, load_checkpoint, resume_point, save_c
 from rlr_cli.errors import Interrupted, UserError
 from rlr_cli.interfaces import Backward, BufferedEstimator, EstimatorOutput
 from rlr_cli.prompts import overlong_warning
-from rlr_cli.ranges import Count, Positive
+from rlr_cli.ranges import Count, NonNegativeFloat, Positive
 from rlr_cli.report import write_report
 from rlr_cli.run_folder import RunFolder, write_json
 
 if TYPE_CHECKING:
     from rlr_cli.build import Run
 
+
+
+@dataclass(frozen=True)
+class EvalSampling:
+    """trainer.eval_sampling: the held-out samples' own chain settings; None: the training value."""
+
+    num_steps: Positive | None
+    guidance_scale: NonNegativeFloat | None
+    eta: NonNegativeFloat | None
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class TrainerConfig:
     eval_prompts: Positive
     eval_batch_size: Positive
     eval_seed: int
+    eval_sampling: EvalSampling
     resume_from: str | None
     resume_allow: list[str]
     max_nonfinite: Positive
@@ -84,6 +94,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = run.logger.open(self.run_dir, run.config) if self.is_main else None
         self._warn_overlong()
+        sampling = self.cfg.eval_sampling
+        self.eval_chain = self.policy.eval_chain(sampling.num_steps, sampling.eta, sampling.guidance_scale)
 
     # ---- resume ----------------------------------------------------------------------------------
     def _resume(self, run_dir: Path) -> Path:
@@ -100,6 +112,11 @@ class Trainer:
             RunFolder(resumed_dir).truncate_metrics(self.state.step)
         self._say(f"resumed from {folder} at step {self.state.step}; writing to {resumed_dir}")
         return resumed_dir
+
+    def eval_settings(self) -> dict:
+        """The held-out chain's settings (trainer.eval_sampling, else the model's), recorded with every evaluation."""
+        chosen, model = vars(self.cfg.eval_sampling), self.run.config["model"]
+        return {key: model.get(key) if value is None else value for key, value in chosen.items()}
 
     def _warn_overlong(self) -> None:
         prompts = self.run.prompts.distinct()
@@ -277,8 +294,8 @@ class Trainer:
         start = time.perf_counter()
         prompts = run.prompts.eval_prompts(cfg.eval_prompts)
         result = evaluation.evaluate(self.policy, run.reward, run.metrics, prompts, cfg.eval_seed,
-                                     cfg.eval_batch_size, progress=cfg.progress)
-        record = evaluation.record(result, run.config.get("reward_name", "reward"), step)
+                                     cfg.eval_batch_size, progress=cfg.progress, chain=self.eval_chain)
+        record = evaluation.record(result, run.config.get("reward_name", "reward"), step, sampling=self.eval_settings())
         captions = evaluation.write(result, record, self.run_dir / "eval" / f"step_{step}.json",
                                     self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
         logged = {"eval_reward_mean": record["reward_mean"], "eval_reward_se": record["reward_se"]}

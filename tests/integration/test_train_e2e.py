@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from helpers import ROOT, build_run, rlr_train, user_error_line
@@ -27,7 +28,8 @@ FAST = ["trainer.batch_size=2", "logger=none", "model.num_steps=6"]
 def short_run(tmp_path_factory, tiny_path) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     rlr_train("model=tiny", "estimator=truncated_bp", "reward=saturation", "trainer.max_steps=3",
-              "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_prompts=4", run_dir=run_dir)
+              "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_prompts=4",
+              "trainer.eval_sampling.num_steps=4", run_dir=run_dir)
     return run_dir
 
 
@@ -47,6 +49,8 @@ def test_run_folder_has_everything_design_promises(short_run):
     assert f"gradient clipped on {sum(clipped) / 3:.0%} of 3 steps" in (short_run / "summary.txt").read_text()
     evaluation = json.loads((short_run / "eval" / "step_3.json").read_text())
     assert len(evaluation["rewards"]) == 4 and not list(short_run.glob("checkpoints/.incomplete*"))
+    model = OmegaConf.load(short_run / "config.yaml").model
+    assert evaluation["sampling"] == {"num_steps": 4, "guidance_scale": model.guidance_scale, "eta": model.eta}
 
 
 def test_adapter_loads_into_a_fresh_diffusers_pipeline(short_run, tiny_path):

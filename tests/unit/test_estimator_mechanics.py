@@ -179,6 +179,22 @@ def test_grpo_ratio_is_one_on_the_first_update_then_moves(tiny_path):
     assert deviations[0] < 1e-5 < deviations[1]
 
 
+def test_eval_chain_is_the_ddim_schedule_at_its_own_steps_eta_and_guidance(tiny_path):
+    """trainer.eval_sampling: the held-out chain is DDIMScheduler's at those steps; None keeps training's."""
+    from diffusers import DDIMScheduler
+
+    policy = component(*TINY)
+    assert policy.eval_chain(None, None, None) is policy.chain
+    chain = policy.eval_chain(7, 0.0, 2.5)
+    scheduler: Any = DDIMScheduler.from_pretrained(tiny_path, subfolder="scheduler")
+    scheduler.set_timesteps(7)
+    assert torch.equal(chain.timesteps, scheduler.timesteps) and chain.guidance_scale == 2.5
+    assert bool((chain.std(torch.arange(7)) == 0).all()) and policy.chain.num_steps == 3
+    with torch.no_grad():
+        rollout = policy.sample(["a cat"], generator=torch.Generator().manual_seed(0), chain=chain)
+    assert rollout.latents.shape[1] == 8
+
+
 def test_ddim_chain_noises_x0_as_diffusers_add_noise(tiny_path):
     """DRaFT-LV's re-noising is the forward process q(x_t | x_0): diffusers' scheduler.add_noise."""
     from diffusers import DDIMScheduler
