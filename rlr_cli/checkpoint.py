@@ -3,7 +3,8 @@ LR schedule, RNG states, fp16 loss scale, trainer and estimator state).
 
 Layout of checkpoints/step_N/: adapter/ (diffusers LoRA format), optimizer.pt (tensors only, loaded with
 weights_only=True), state.json (step, counters, LR schedule, estimator state, Python/NumPy RNG),
-rng_rank{r}.safetensors (torch and sampling-generator states of each rank).
+rng_rank{r}.safetensors (torch and sampling-generator states of each rank), ema.safetensors (the EMA weights,
+when trainer.ema is on).
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, state: TrainState, policy: TrainablePolicy, optimizer: Any, scheduler: Any,
                     generator: torch.Generator, estimator: object, scaler: Any, rank: int,
-                    barrier: Callable[[], None]) -> Path:
-    """Every rank calls this; rank 0 writes the shared files and publishes the folder by renaming it."""
+                    barrier: Callable[[], None], tensors: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Every rank calls this; rank 0 writes the shared files (and `tensors`: file name -> tensors, e.g. the
+    EMA weights) and publishes the folder by renaming it."""
     final = run_dir / "checkpoints" / f"step_{state.step}"
     scratch = run_dir / "checkpoints" / f".incomplete_step_{state.step}"
     if rank == 0:
@@ -68,6 +70,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, policy: TrainablePolicy, o
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         }
         (scratch / "state.json").write_text(json.dumps(payload))
+        for name, values in tensors.items():
+            save_file(values, str(scratch / name))
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -143,3 +147,15 @@ def check_resume_config(folder: Path, config: dict) -> None:
         changes += f" and {len(differs) - 4} more" if len(differs) > 4 else ""
         raise UserError(f"checkpoint {folder} was made with other settings: {changes}; run with its values, or "
                         f"resume anyway with trainer.resume_allow=[{','.join(differs)}]")
+
+
+def load_tensors(folder: Path, name: str, key: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of the checkpoint; a missing or unreadable one names the config key behind it."""
+    file = folder / name
+    if not file.exists():
+        raise UserError(f"checkpoint {folder} has no {name}: it was written without {key}; resume with the "
+                        f"run's own {key}")
+    try:
+        return load_file(str(file))
+    except Exception as error:  # a truncated file
+        raise UserError(f"checkpoint {folder}: {name} cannot be read ({type(error).__name__})") from None

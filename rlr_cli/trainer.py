@@ -7,6 +7,7 @@ one update per optimizer step; checkpoints fall between batches.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -22,7 +23,8 @@ from pydantic import Field
 from torch import Tensor
 
 from rlr_cli import evaluation
-from rlr_cli.checkpoint import TrainState, load_checkpoint, resume_point, save_checkpoint
+from rlr_cli.checkpoint import TrainState, load_checkpoint, load_tensors, resume_point, save_checkpoint
+from rlr_cli.ema import EMA, EMAOptions
 from rlr_cli.errors import Interrupted, UserError
 from rlr_cli.interfaces import Backward, BufferedEstimator, EstimatorOutput
 from rlr_cli.prompts import overlong_warning
@@ -59,6 +61,7 @@ class TrainerConfig:
     eval_batch_size: Positive
     eval_seed: int
     eval_sampling: EvalSampling
+    ema: EMAOptions
     resume_from: str | None
     resume_allow: list[str]
     max_nonfinite: Positive
@@ -71,6 +74,9 @@ class TrainerConfig:
     main_process_ip: str | None
     main_process_port: Annotated[int, Field(ge=1, le=65535)] | None
     accelerate_config: str | None
+
+
+EMA_FILE = "ema.safetensors"  # in a checkpoint folder, when trainer.ema is on
 
 
 class Trainer:
@@ -86,6 +92,8 @@ class Trainer:
         optimizer, self.scheduler = run.optimizer.build(self.params, self.cfg.max_steps)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)  # steps through the fp16 loss scaler
         self.generator = torch.Generator().manual_seed(run.seed + 1_000_003 * self.rank)
+        weights = {str(i): p for i, p in enumerate(self.params)}
+        self.ema = EMA(weights, self.cfg.ema) if self.cfg.ema.decay is not None else None
         self.state = TrainState()
         self.pending: list[Any] = []  # a buffered estimator's updates still to run on its collected batch
         self.timing: list[float] = []  # seconds of this process's steps, for the ETA
@@ -107,6 +115,8 @@ class Trainer:
             return run_dir
         self.state = load_checkpoint(folder, self.policy, self.optimizer, self.scheduler, self.generator,
                                      self.run.estimator, self.accelerator.scaler, self.rank)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_tensors(folder, EMA_FILE, "trainer.ema.decay"))
         resumed_dir = folder.parent.parent
         if self.is_main:
             RunFolder(resumed_dir).truncate_metrics(self.state.step)
@@ -159,6 +169,8 @@ class Trainer:
                                   f"(resume: the same command with trainer.resume_from=latest)")
             metrics = self.train_step()
             self.state.step += 1
+            if self.ema is not None:
+                self.ema.update(self.state.step)
             self._log(metrics, self.state.step)
             bar.update(1)
             self.timing.append(metrics["step_seconds"])
@@ -293,9 +305,11 @@ class Trainer:
         cfg, step, run = self.cfg, self.state.step, self.run
         start = time.perf_counter()
         prompts = run.prompts.eval_prompts(cfg.eval_prompts)
-        result = evaluation.evaluate(self.policy, run.reward, run.metrics, prompts, cfg.eval_seed,
-                                     cfg.eval_batch_size, progress=cfg.progress, chain=self.eval_chain)
-        record = evaluation.record(result, run.config.get("reward_name", "reward"), step, sampling=self.eval_settings())
+        with self._averaged():
+            result = evaluation.evaluate(self.policy, run.reward, run.metrics, prompts, cfg.eval_seed,
+                                         cfg.eval_batch_size, progress=cfg.progress, chain=self.eval_chain)
+        record = evaluation.record(result, run.config.get("reward_name", "reward"), step, sampling=self.eval_settings(),
+                                   weights="ema" if self.ema is not None else "trained")
         captions = evaluation.write(result, record, self.run_dir / "eval" / f"step_{step}.json",
                                     self.run_dir / "samples" / f"step_{step}.png", title=f"step {step}")
         logged = {"eval_reward_mean": record["reward_mean"], "eval_reward_se": record["reward_se"]}
@@ -308,8 +322,13 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         barrier = self.accelerator.wait_for_everyone
+        tensors = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else {}
         return save_checkpoint(self.run_dir, self.state, self.policy, self.optimizer, self.scheduler,
-                               self.generator, self.run.estimator, self.accelerator.scaler, self.rank, barrier)
+                               self.generator, self.run.estimator, self.accelerator.scaler, self.rank, barrier, tensors)
+
+    def _averaged(self):
+        """The EMA weights in the policy for a block (evaluation, the final adapter), when EMA is on."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def save_final_adapter(self) -> None:
         """adapter/ in the run folder, written through a temporary folder so it is whole or absent."""
@@ -317,7 +336,8 @@ class Trainer:
         if self.is_main:
             final, scratch = self.run_dir / "adapter", self.run_dir / ".incomplete_adapter"
             shutil.rmtree(scratch, ignore_errors=True)
-            self.policy.save_adapter(str(scratch))
+            with self._averaged():
+                self.policy.save_adapter(str(scratch))
             shutil.rmtree(final, ignore_errors=True)
             scratch.rename(final)
         self.accelerator.wait_for_everyone()

@@ -99,6 +99,21 @@ def test_sigkill_after_second_checkpoint_then_resume_is_exact(tmp_path, tiny_pat
     assert steps == [1, 2, 3, 4, 5, 6]  # lines the killed run wrote after step 4 were replaced
 
 
+def test_ema_run_saves_the_average_and_resumes_bit_exact(tmp_path, tiny_path):
+    """trainer.ema: the adapter and evaluations use the average, the checkpoint holds it, resume is exact."""
+    args = [*FAST, "trainer.checkpoint_every=2", "trainer.eval_every=0", "trainer.ema.decay=0.5", "seed=5"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    rlr_train(*args, "trainer.max_steps=4", run_dir=reference)
+    rlr_train(*args, "trainer.max_steps=2", run_dir=stopped)
+    rlr_train(*args, "trainer.max_steps=4", "trainer.resume_from=latest", run_dir=stopped)
+    for name in ("adapter/" + LORA_WEIGHTS, "checkpoints/step_4/ema.safetensors"):
+        expected, resumed = load_file(str(reference / name)), load_file(str(stopped / name))
+        assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected), name
+    averaged = load_file(str(reference / "adapter" / LORA_WEIGHTS))
+    trained = load_file(str(reference / "checkpoints" / "step_4" / "adapter" / LORA_WEIGHTS))
+    assert any(not torch.equal(averaged[k], trained[k]) for k in averaged)  # the saved adapter is the average
+
+
 def test_corrupt_checkpoint_is_one_clear_error(short_run, tmp_path):
     broken = tmp_path / "run" / "checkpoints" / "step_2"
     broken.parent.mkdir(parents=True)
