@@ -269,7 +269,15 @@ def run_facts(plain: dict) -> RunFacts:
         num_steps=int(model.get("num_steps", 0)), eta=float(model.get("eta", 0.0)),
         reward_differentiable=reward_is_differentiable(plain["reward"], trusted_modules(plain)),
         lora=model.get("lora") is not None, batch_size=int(trainer["batch_size"]), grad_accum=int(trainer["grad_accum"]),
+        kl_beta=float((plain.get("regularizer") or {}).get("kl_beta", 0.0)),
     )
+
+
+def check_regularizer(plain: dict) -> None:
+    """regularizer.kl_beta is a weight >= 0 (named here: the estimators receive it by interpolation)."""
+    beta = (plain.get("regularizer") or {}).get("kl_beta", 0.0)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+        raise UserError(f"regularizer.kl_beta={beta!r}: must be a number >= 0")
 
 
 def check_precision(trainer: dict) -> None:
@@ -294,6 +302,7 @@ def validate(cfg: DictConfig, across_groups: bool = True) -> dict:
         if not is_node(plain.get(group)):
             raise UserError(f"config group '{group}' is not set (choose one: {group}=NAME)")
     trusted = trusted_modules(plain)
+    check_regularizer(plain)
     check_nodes(plain, "", trusted)
     if not across_groups:
         return plain

@@ -71,6 +71,8 @@ class Rollout:
     chain                        the chain it was sampled on (transitions re-run on the same one)
     cond                         conditioning the policy needs to re-run a transition (opaque here)
     prompts                      the B prompts
+    kl        (B,)               with sample(kl=True): sum over the steps sampled with grad of
+                                 KL(p_theta || p_ref) = ||mean_theta - mean_ref||^2 / (2 std^2), with grad
     """
 
     latents: Tensor
@@ -79,6 +81,7 @@ class Rollout:
     chain: Chain
     cond: Any
     prompts: list[str]
+    kl: Tensor | None = None  # (B,) sample(kl=True): the KL to the reference summed over the grad steps, with grad
 
     @property
     def num_steps(self) -> int:
@@ -166,9 +169,10 @@ class Policy(Protocol):
 
     def sample(
         self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-        chain: Chain | None = None,
+        chain: Chain | None = None, kl: bool = False,
     ) -> Rollout:
-        """Sample B trajectories on `chain` (default: the policy's); `grad_steps` keep autograd history."""
+        """Sample B trajectories on `chain` (default: the policy's); `grad_steps` keep autograd history;
+        `kl`: also the KL to the reference policy on the grad steps (Rollout.kl)."""
         ...
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
@@ -178,6 +182,11 @@ class Policy(Protocol):
     def step_log_prob(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> Tensor:
         """log p_theta(x_{i+1} | x_i) (B,) at each sample's step i (an int, or (B,) indices), grad to theta
         only, in one denoiser call; reduce: mean | sum over latent dims."""
+        ...
+
+    def step_log_prob_kl(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
+        """step_log_prob and, from the same call, the KL to the reference (the model with its trainable
+        adapter off) at those transitions, (B,) with grad to theta, reduced over latent dims the same way."""
         ...
 
     def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
@@ -266,6 +275,7 @@ class RunFacts:
     lora: bool  # the model trains a LoRA (not all weights)
     batch_size: int  # trainer.batch_size
     grad_accum: int  # trainer.grad_accum
+    kl_beta: float  # regularizer.kl_beta
 
 
 @dataclass

@@ -6,10 +6,11 @@ diffusers reads natively for every layer type (attention, projections, convoluti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -136,13 +137,26 @@ class AdapterSet:
         self.active = ()
         self.activate(())
 
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Every adapter off for the block (the base model: the KL reference), as they were after it."""
+        self.network.disable_adapters()  # type: ignore[operator]  (diffusers' PeftAdapterMixin)
+        try:
+            yield
+        finally:
+            self.network.enable_adapters()  # type: ignore[operator]
+            self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        for name, parameter in self.network.named_parameters():  # peft's set_adapter flips requires_grad
+            parameter.requires_grad_(name in self.trainable_names)
+
     def activate(self, frozen: tuple[str, ...]) -> None:
         names = (TRAINABLE, *frozen)
         if names == self.active or not self.frozen:
             return
         scales = [1.0] + [self.frozen[name] for name in frozen]
         self.network.set_adapters(list(names), weights=scales)  # type: ignore[operator]
-        for name, parameter in self.network.named_parameters():  # peft's set_adapter flips requires_grad
-            parameter.requires_grad_(name in self.trainable_names)
+        self._restore_trainable()
         self.active = names
 

@@ -95,7 +95,7 @@ class DiffusionPolicy:
 
     # ---- the Policy protocol ---------------------------------------------------------------------
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-               chain: Chain | None = None) -> Rollout:
+               chain: Chain | None = None, kl: bool = False) -> Rollout:
         """Sample B trajectories; the noise is drawn on the CPU generator, so runs are device-independent."""
         chain = chain or self.chain
         cond = self.family.encode(prompts, negative=self._guidance(chain) != 1.0)
@@ -104,17 +104,21 @@ class DiffusionPolicy:
         x = torch.randn(shape, generator=generator).to(self.device)
         noises = torch.randn((chain.num_steps, *shape), generator=generator).to(self.device)
         with_grad = set(grad_steps)
-        latents, log_probs = [x], []
+        latents, log_probs, kls = [x], [], []
         for i in range(chain.num_steps):
             steps = as_steps(i, len(prompts))
             with torch.set_grad_enabled(i in with_grad):
                 mean, std = self._step(chain, steps, x, cond)
+                if kl and i in with_grad:
+                    kls.append(self._kl(chain, steps, x, cond, mean, std, "sum"))
             x = mean + column(std, mean) * noises[i]
             stochastic = bool((std > 0).all())
             log_probs.append(gaussian_log_prob(x, mean.detach(), std) if stochastic else x.new_zeros(len(prompts)))
             latents.append(x)
+        total_kl = torch.stack(kls).sum(dim=0) if kls else x.new_zeros(len(prompts)) if kl else None
         return Rollout(latents=torch.stack(latents, dim=1), noises=noises.transpose(0, 1),
-                       log_probs=torch.stack(log_probs, dim=1).detach(), chain=chain, cond=cond, prompts=list(prompts))
+                       log_probs=torch.stack(log_probs, dim=1).detach(), chain=chain, cond=cond, prompts=list(prompts),
+                       kl=total_kl)
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
         mean, std = self._step(rollout.chain, as_steps(i, x.shape[0]), x, rollout.cond)
@@ -123,12 +127,33 @@ class DiffusionPolicy:
 
     def step_log_prob(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> Tensor:
         """One denoiser call differentiated on its own: never checkpointed (recomputing saves nothing)."""
+        return self._log_prob(rollout, steps, reduce, kl=False)[0]
+
+    def step_log_prob_kl(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
+        log_prob, kl = self._log_prob(rollout, steps, reduce, kl=True)
+        assert kl is not None
+        return log_prob, kl
+
+    def _log_prob(self, rollout: Rollout, steps: int | Tensor, reduce: str, kl: bool) -> tuple[Tensor, Tensor | None]:
         b = rollout.latents.shape[0]
         steps = as_steps(steps, b)
         rows = torch.arange(b)
         x, x_next = rollout.latents[rows, steps].detach(), rollout.latents[rows, steps + 1]
         mean, std = self._step(rollout.chain, steps, x, rollout.cond, recompute=False)
-        return gaussian_log_prob(x_next, mean, std, reduce)
+        divergence = self._kl(rollout.chain, steps, x, rollout.cond, mean, std, reduce) if kl else None
+        return gaussian_log_prob(x_next, mean, std, reduce), divergence
+
+    def _kl(self, chain: Chain, steps: Tensor, x: Tensor, cond: Any, mean: Tensor, std: Tensor, reduce: str) -> Tensor:
+        """(B,) KL(N(mean, std^2) || N(mean_ref, std^2)) = ||mean - mean_ref||^2 / (2 std^2), summed (the
+        Gaussians' KL) or averaged over latent dims; the reference is the model with every adapter off, at
+        the same input x (one more denoiser call, without grad)."""
+        if bool((std <= 0).any()):
+            raise ValueError("the KL of a deterministic step (std = 0) is undefined")
+        with torch.no_grad(), self.adapters.disabled():
+            reference = chain.mean(steps, x, self.model_output(chain, steps, x.detach(), cond, recompute=False))
+        squared = ((mean.float() - reference.float()) ** 2).flatten(1)
+        squared = squared.mean(dim=1) if reduce == "mean" else squared.sum(dim=1)
+        return squared / (2 * std.to(squared) ** 2)
 
     def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
         steps = as_steps(i, x.shape[0])

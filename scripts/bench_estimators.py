@@ -34,6 +34,7 @@ from rewards.simple import Saturation  # noqa: E402
 from rlr_cli.build import component  # noqa: E402
 from rlr_cli.errors import UserError  # noqa: E402
 from rlr_cli.estimators.checks import SavedTensorMeter, estimate  # noqa: E402
+from rlr_cli.estimators.common import KL_ESTIMATORS  # noqa: E402
 from rlr_cli.estimators.shortft import ShortFT  # noqa: E402
 from rlr_cli.interfaces import BufferedEstimator  # noqa: E402
 
@@ -91,11 +92,11 @@ class Meter:
         return time.perf_counter() - start, meter.peak / 2**20
 
 
-def load_estimator(name: str, model: str, num_steps: int, batch: int):
+def load_estimator(name: str, model: str, num_steps: int, batch: int, *overrides: str):
     """The estimator as `rlr-train model=MODEL estimator=NAME` builds it, checked against the benched chain."""
-    extra = [f"estimator.train_batch_size={min(4, batch)}"] if name == "ddpo" else []
+    extra = [f"estimator.train_batch_size={min(4, batch)}"] if name in ("ddpo", "grpo") else []
     return component(f"estimator={name}", f"model={model}", f"model.num_steps={num_steps}", "reward=saturation",
-                     f"trainer.batch_size={batch}", *extra)
+                     f"trainer.batch_size={batch}", *extra, *overrides)
 
 
 def training_steps(estimator, policy, reward, prompts, generator, optimizer) -> int:
@@ -116,7 +117,8 @@ def training_steps(estimator, policy, reward, prompts, generator, optimizer) -> 
     return len(updates)
 
 
-def bench(model: str, device: str, batch: int, num_steps: int, steps: int, checkpointing: bool, only: list[str]):
+def bench(model: str, device: str, batch: int, num_steps: int, steps: int, checkpointing: bool, only: list[str],
+          kl_beta: float):
     policy = make_policy(model, device, num_steps, checkpointing)
     reward, prompts = Saturation(), [f"a photo of a {animal}" for animal in ("cat", "dog", "fox", "owl")] * batch
     prompts = prompts[:batch]
@@ -132,12 +134,13 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
     sample()  # warm-up
     base = [meter.run(sample) for _ in range(steps)]
     rows, skipped = {}, {}
-    for config in sorted(glob.glob(str(ROOT / "configs/estimator/*.yaml"))):
-        name = Path(config).stem
-        if only and name not in only:
-            continue
+    names = [Path(config).stem for config in sorted(glob.glob(str(ROOT / "configs/estimator/*.yaml")))]
+    variants = [(name, ()) for name in names if not only or name in only]
+    if kl_beta > 0:  # the KL term's cost: one more denoiser call (no grad) per regularised step
+        variants += [(f"{name} + kl", (f"regularizer.kl_beta={kl_beta}",)) for name, _ in variants if name in KL_ESTIMATORS]
+    for name, overrides in variants:
         try:
-            estimator = load_estimator(name, model, num_steps, batch)
+            estimator = load_estimator(name.removesuffix(" + kl"), model, num_steps, batch, *overrides)
             if isinstance(estimator, ShortFT):  # its shortcut must fit this model's UNet
                 estimator.attach(policy)
         except UserError as error:
@@ -185,16 +188,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="repeats timed per estimator (the fastest is reported)")
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
     parser.add_argument("--only", default="", help="comma-separated estimator names (default: all configs)")
+    parser.add_argument("--kl-beta", type=float, default=0.0, help="also bench the KL-regularised estimators at this beta")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machines here are shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     only = [n for n in args.only.split(",") if n]
     checkpointing = args.checkpointing == "on"
-    tables = [bench("tiny", args.device, 4, args.num_steps, args.steps, checkpointing, only)]
+    tables = [bench("tiny", args.device, 4, args.num_steps, args.steps, checkpointing, only, args.kl_beta)]
     if args.device.startswith("cuda"):
         for batch in (1, 4):
-            tables.append(bench("sd15", args.device, batch, args.num_steps, args.steps, checkpointing, only))
+            tables.append(bench("sd15", args.device, batch, args.num_steps, args.steps, checkpointing, only, args.kl_beta))
     text = "\n\n".join(tables)
     print(text)
     if args.out:

@@ -16,6 +16,8 @@ from rlr_cli.estimators.common import (
     draw,
     randn_like,
     require_differentiable,
+    require_kl_chain,
+    require_no_kl,
     reward_metrics,
     score,
     utility,
@@ -26,29 +28,37 @@ from rlr_cli.sampling import as_steps
 
 
 def _pathwise(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
-              backward: Backward, grad_steps: list[int], target: float | None, reward_scale: float) -> EstimatorOutput:
-    rollout = policy.sample(prompts, generator=generator, grad_steps=grad_steps)
+              backward: Backward, grad_steps: list[int], target: float | None, reward_scale: float,
+              kl_beta: float) -> EstimatorOutput:
+    """-U.mean(), plus kl_beta * the KL to the reference summed over the grad steps (in U's units)."""
+    rollout = policy.sample(prompts, generator=generator, grad_steps=grad_steps, kl=kl_beta > 0)
     rewards = score(policy, reward, rollout.final, prompts)
     terms = LossTerms(backward)
-    terms.add(-utility(rewards, target, reward_scale).mean())
+    loss = -utility(rewards, target, reward_scale).mean()
     metrics = reward_metrics(rewards) | {"grad_steps": float(len(grad_steps))}
+    if rollout.kl is not None:
+        loss = loss + kl_beta * rollout.kl.mean()
+        metrics["kl"] = rollout.kl.mean().item()
+    terms.add(loss)
     return EstimatorOutput(loss=terms.total, rewards=rewards.detach(), metrics=metrics)
 
 
 class FullBackprop:
     """Pathwise gradient through every transition (unbiased; memory bounded by checkpointing)."""
 
-    def __init__(self, *, target: float | None, reward_scale: PositiveFloat):
-        self.target, self.reward_scale = target, reward_scale
+    def __init__(self, *, target: float | None, reward_scale: PositiveFloat, kl_beta: NonNegativeFloat):
+        self.target, self.reward_scale, self.kl_beta = target, reward_scale, kl_beta
 
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "full_bp")
+        require_kl_chain(run, "full_bp")
 
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
         steps = list(range(policy.num_steps))
-        return _pathwise(policy, reward, prompts, generator, backward, steps, self.target, self.reward_scale)
+        return _pathwise(policy, reward, prompts, generator, backward, steps, self.target, self.reward_scale,
+                         self.kl_beta)
 
 
 class TruncatedBackprop:
@@ -70,14 +80,16 @@ class TruncatedBackprop:
         k_max: Positive,
         target: float | None,
         reward_scale: PositiveFloat,
+        kl_beta: NonNegativeFloat,
     ):
         self.mode, self.k, self.distribution = mode, k, distribution
         self.k_mean, self.k_std, self.k_min, self.k_max = k_mean, k_std, k_min, k_max
-        self.target, self.reward_scale = target, reward_scale
+        self.target, self.reward_scale, self.kl_beta = target, reward_scale, kl_beta
 
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "truncated_bp")
+        require_kl_chain(run, "truncated_bp")
 
     def _draw_k(self, generator: torch.Generator, num_steps: int) -> int:
         """uniform: K in [k_min, k_max], at most T. gaussian: AlignProp's rule (sd_pipeline.py): the stop step
@@ -103,7 +115,8 @@ class TruncatedBackprop:
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
         steps = self.grad_steps(generator, policy.num_steps)
-        return _pathwise(policy, reward, prompts, generator, backward, steps, self.target, self.reward_scale)
+        return _pathwise(policy, reward, prompts, generator, backward, steps, self.target, self.reward_scale,
+                         self.kl_beta)
 
 
 class DraftLV:
@@ -122,6 +135,7 @@ class DraftLV:
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "draft_lv")
+        require_no_kl(run, "draft_lv")
 
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
@@ -160,6 +174,7 @@ class ReFL:
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "refl")
+        require_no_kl(run, "refl")
 
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:

@@ -42,6 +42,23 @@ def require_stochastic(run: RunFacts, estimator: str) -> None:
                         f"model.eta={run.eta} makes every step deterministic; set model.eta > 0 (DDPO: 1.0)")
 
 
+KL_ESTIMATORS = ("full_bp", "truncated_bp", "ddpo", "grpo")
+
+
+def require_no_kl(run: RunFacts, estimator: str) -> None:
+    """The validation pass: regularizer.kl_beta > 0 only with an estimator that adds the KL term."""
+    if run.kl_beta > 0:
+        raise UserError(f"regularizer.kl_beta={run.kl_beta}: estimator={estimator} does not add the KL term yet; "
+                        f"use one that does ({', '.join(KL_ESTIMATORS)}) or regularizer.kl_beta=0")
+
+
+def require_kl_chain(run: RunFacts, estimator: str) -> None:
+    """The KL between two transitions with std 0 is undefined: kl_beta > 0 needs a stochastic chain."""
+    if run.kl_beta > 0 and run.eta <= 0:
+        raise UserError(f"regularizer.kl_beta={run.kl_beta} with estimator={estimator} needs a stochastic chain "
+                        f"(the per-step KL divides by the step's std): model.eta={run.eta}; set model.eta > 0")
+
+
 def reward_metrics(rewards: Tensor) -> dict[str, float]:
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0}
 

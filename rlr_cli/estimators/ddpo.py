@@ -29,6 +29,7 @@ from rlr_cli.estimators.common import (
     LossTerms,
     detached,
     leave_one_out_mean,
+    require_kl_chain,
     require_stochastic,
     reward_metrics,
     score,
@@ -36,7 +37,7 @@ from rlr_cli.estimators.common import (
     utility,
 )
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
-from rlr_cli.ranges import Positive, PositiveFloat
+from rlr_cli.ranges import NonNegativeFloat, Positive, PositiveFloat
 
 
 class PerPromptStatTracker:
@@ -103,7 +104,9 @@ class DDPO:
         timestep_reduce: Literal["mean", "sum"],
         target: float | None,
         reward_scale: PositiveFloat,
+        kl_beta: NonNegativeFloat,
     ):
+        self.kl_beta = kl_beta
         self.num_inner_epochs, self.train_batch_size, self.grad_accum = num_inner_epochs, train_batch_size, grad_accum
         self.timestep_fraction, self.clip_range, self.adv_clip_max = timestep_fraction, clip_range, adv_clip_max
         self.advantage_mode, self.per_prompt_stat_tracking = advantages, per_prompt_stat_tracking
@@ -120,6 +123,7 @@ class DDPO:
             raise UserError(f"estimator=ddpo: trainer.batch_size={run.batch_size} is not a multiple of "
                             f"estimator.train_batch_size={options['train_batch_size']}")
         require_stochastic(run, "ddpo")
+        require_kl_chain(run, "ddpo")
 
     def state_dict(self) -> dict:
         return {"stat_tracker": self.tracker.state_dict()}
@@ -145,7 +149,8 @@ class DDPO:
 
     # -- training ----------------------------------------------------------------------------------
     def update(self, policy: Policy, reward: Reward, update: Update, backward: Backward) -> EstimatorOutput:
-        return ppo_update(policy, update, backward, self.clip_range, self.log_prob_reduce, self.timestep_reduce)
+        return ppo_update(policy, update, backward, self.clip_range, self.log_prob_reduce, self.timestep_reduce,
+                          self.kl_beta)
 
 
 def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator
@@ -174,22 +179,27 @@ def plan(batch: Batch, generator: torch.Generator, num_inner_epochs: int, train_
 
 
 def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: float | None,
-               log_prob_reduce: str, timestep_reduce: str) -> EstimatorOutput:
-    """One optimizer step of the PPO-clipped likelihood ratio over the update's sub-batches."""
+               log_prob_reduce: str, timestep_reduce: str, kl_beta: float) -> EstimatorOutput:
+    """One optimizer step of the PPO-clipped likelihood ratio over the update's sub-batches; with kl_beta,
+    each term adds kl_beta * the KL to the reference at its transitions, reduced over latent dims as the
+    log-probabilities are (Flow-GRPO's loss)."""
     batch = update.batch
     rollout, adv, trained = batch.rollout, batch.advantages, batch.trained
     dims = rollout.latents[0, 0].numel()
     # accelerate's average over grad_accum * trained terms, or the estimator's sum over transitions
     per_term = 1.0 / len(update.sub_batches) / (trained if timestep_reduce == "mean" else trained / policy.num_steps)
     terms = LossTerms(backward)
-    kls, clipped, ratios, used = [], [], [], []
+    kls, clipped, ratios, used, references = [], [], [], [], []
     for idx, times in update.sub_batches:
         used.append(idx)
         sub = select(rollout, idx)
         rows = torch.arange(len(idx))
         for slot in range(trained):
             steps = times[:, slot]  # each sample at its own transition: one denoiser call
-            new = policy.step_log_prob(sub, steps, reduce=log_prob_reduce)
+            if kl_beta > 0:
+                new, divergence = policy.step_log_prob_kl(sub, steps, reduce=log_prob_reduce)
+            else:
+                new, divergence = policy.step_log_prob(sub, steps, reduce=log_prob_reduce), None
             old = sub.log_probs[rows, steps].to(new) * (dims if log_prob_reduce == "sum" else 1)
             a = adv[idx].to(new)
             ratio = torch.exp(new - old)
@@ -197,6 +207,9 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
             if clip_range is not None:
                 loss = torch.maximum(loss, -a * ratio.clamp(1 - clip_range, 1 + clip_range))
                 clipped.append(((ratio.detach() - 1).abs() > clip_range).float())
+            if divergence is not None:
+                loss = loss + kl_beta * divergence
+                references.append(divergence.detach())
             terms.add(per_term * loss.mean())
             kls.append(0.5 * (new.detach() - old) ** 2)
             ratios.append(ratio.detach())
@@ -209,4 +222,6 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
         # on the batch's first update the policy is the one that sampled: 1 up to float rounding
         "ratio_deviation": (torch.cat(ratios) - 1).abs().max().item(),
     }
+    if references:  # per transition, as reduced: x trained transitions for a trajectory's KL
+        metrics["kl"] = torch.cat(references).mean().item()
     return EstimatorOutput(loss=terms.total, rewards=batch.rewards[used_samples], metrics=metrics)

@@ -21,10 +21,10 @@ from pydantic import Field
 from torch import Tensor
 
 from rlr_cli.errors import UserError
-from rlr_cli.estimators.common import require_stochastic, utility
+from rlr_cli.estimators.common import require_kl_chain, require_stochastic, utility
 from rlr_cli.estimators.ddpo import Batch, Update, plan, ppo_update, sample_and_score
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, RunFacts
-from rlr_cli.ranges import Positive, PositiveFloat
+from rlr_cli.ranges import NonNegativeFloat, Positive, PositiveFloat
 
 STD_EPS = 1e-4  # Flow-GRPO's PerPromptStatTracker
 
@@ -45,8 +45,9 @@ class GRPO:
         adv_clip_max: PositiveFloat,
         target: float | None,
         reward_scale: PositiveFloat,
+        kl_beta: NonNegativeFloat,
     ):
-        self.group_size, self.std = group_size, std
+        self.group_size, self.std, self.kl_beta = group_size, std, kl_beta
         self.num_inner_epochs, self.train_batch_size, self.grad_accum = num_inner_epochs, train_batch_size, grad_accum
         self.timestep_fraction, self.clip_range, self.adv_clip_max = timestep_fraction, clip_range, adv_clip_max
         self.target, self.reward_scale = target, reward_scale
@@ -65,6 +66,7 @@ class GRPO:
             raise UserError(f"estimator=grpo: trainer.batch_size={b} is not a multiple of "
                             f"estimator.train_batch_size={sub}")
         require_stochastic(run, "grpo")
+        require_kl_chain(run, "grpo")
 
     def groups(self, prompts: Sequence[str]) -> list[str]:
         """The batch's prompts: the first len / group_size drawn, each repeated group_size times."""
@@ -88,4 +90,5 @@ class GRPO:
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
     def update(self, policy: Policy, reward: Reward, update: Update, backward: Backward) -> EstimatorOutput:
-        return ppo_update(policy, update, backward, self.clip_range, log_prob_reduce="mean", timestep_reduce="mean")
+        return ppo_update(policy, update, backward, self.clip_range, log_prob_reduce="mean", timestep_reduce="mean",
+                          kl_beta=self.kl_beta)

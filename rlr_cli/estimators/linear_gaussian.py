@@ -22,6 +22,8 @@ from torch import Tensor
 from rlr_cli.interfaces import Rollout, Transition
 from rlr_cli.sampling import as_steps, gaussian_log_prob
 
+NO_REFERENCE = "the linear-Gaussian chain has no reference policy (KL regularisation is checked on the tiny UNet)"
+
 
 class QuadraticReward:
     """R(y) = -1/2 sum_k q_k (y_k - c_k)^2; y (B,d) -> (B,). Differentiable."""
@@ -103,8 +105,10 @@ class LinearGaussianPolicy(torch.nn.Module):
         return decay * x + x @ self.weight.T + self.bias[steps]
 
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-               chain=None) -> Rollout:
+               chain=None, kl: bool = False) -> Rollout:
         """B = len(prompts) trajectories; steps outside grad_steps detach f_i but keep d/dx of a_i x."""
+        if kl:
+            raise NotImplementedError(NO_REFERENCE)
         with_grad, b = set(grad_steps), len(prompts)
         x = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
         latents, noises, log_probs = [x], [], []
@@ -135,6 +139,9 @@ class LinearGaussianPolicy(torch.nn.Module):
         rows = torch.arange(b)
         mean = self._means(steps, rollout.latents[rows, steps].detach())
         return gaussian_log_prob(rollout.latents[rows, steps + 1], mean, self.chain.std(steps), reduce)
+
+    def step_log_prob_kl(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(NO_REFERENCE)
 
     def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
         """The noise-free chain from the input of transition i to the end."""

@@ -29,6 +29,7 @@ from rlr_cli.estimators.common import (
     detached,
     draw,
     require_differentiable,
+    require_no_kl,
     require_stochastic,
     reward_metrics,
     score,
@@ -113,6 +114,7 @@ class RLR:
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         k, h = options["fo_steps"], options["h"]
+        require_no_kl(run, "rlr")
         if k + h > run.num_steps:
             raise UserError(f"estimator=rlr needs estimator.fo_steps + estimator.h <= model.num_steps, got "
                             f"{k} + {h} > {run.num_steps}")
@@ -224,6 +226,7 @@ class RLROfficial:
 
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
+        require_no_kl(run, "rlr_official")
         if options["chain_len"] > run.num_steps - 1:
             raise UserError(f"estimator.chain_len={options['chain_len']} exceeds the {run.num_steps - 1} "
                             "transitions HO can pick (all but the last of model.num_steps)")

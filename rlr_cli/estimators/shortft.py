@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from rlr_cli.errors import UserError
-from rlr_cli.estimators.common import LossTerms, require_differentiable, reward_metrics, score, utility
+from rlr_cli.estimators.common import LossTerms, require_differentiable, require_no_kl, reward_metrics, score, utility
 from rlr_cli.interfaces import AdapterPolicy, Backward, EstimatorOutput, Reward, RunFacts
 from rlr_cli.ranges import NonNegativeFloat, PositiveFloat
 from rlr_cli.sampling import DDIMChain
@@ -58,6 +58,7 @@ class ShortFT:
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "shortft")
+        require_no_kl(run, "shortft")
         if not run.lora:
             raise UserError("estimator=shortft keeps its shortcut as a frozen LoRA beside the trainable one: "
                             "the model needs model.lora (full fine-tuning is not supported)")

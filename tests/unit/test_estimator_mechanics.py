@@ -179,6 +179,43 @@ def test_grpo_ratio_is_one_on_the_first_update_then_moves(tiny_path):
     assert deviations[0] < 1e-5 < deviations[1]
 
 
+def test_kl_to_the_reference_is_the_gaussian_kl_to_the_base_model(tiny_path):
+    """The reference is the model with its adapter off: 0 before any update; after one, the Gaussian KL
+    ||mean_theta - mean_base||^2 / (2 std^2) against a fresh base model, with its gradient, and the
+    trainable weights stay trainable."""
+    policy, base = component(*TINY), component(*TINY)
+    generator = torch.Generator().manual_seed(0)
+    rollout = policy.sample(["a cat", "a dog"], generator=generator, grad_steps=[1, 2], kl=True)
+    assert rollout.kl is not None and torch.equal(rollout.kl, torch.zeros(2))  # LoRA B starts at 0
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    _, kl = policy.step_log_prob_kl(rollout, 1, reduce="sum")
+    x, steps = rollout.latents[:, 1].detach(), torch.tensor([1, 1])
+    mean = policy.transition(rollout, 1, x).mean
+    with torch.no_grad():
+        reference = base.transition(rollout, 1, x).mean
+    expected = ((mean - reference) ** 2).flatten(1).sum(1) / (2 * policy.chain.std(steps).float() ** 2)
+    assert kl.min() > 0 and torch.allclose(kl, expected, rtol=1e-4)
+    params = policy.trainable_parameters()
+    ours = torch.autograd.grad(kl.sum(), params, retain_graph=True)
+    theirs = torch.autograd.grad(expected.sum(), params)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-8) for a, b in zip(ours, theirs))
+    assert all(p.requires_grad for p in params) and len(policy.trainable_parameters()) == len(params)
+
+
+def test_kl_regularised_estimators_log_kl_zero_before_the_first_update(tiny_path):
+    """truncated_bp and grpo with regularizer.kl_beta: the first estimate's kl is 0 (theta = reference)."""
+    policy = component(*TINY)
+    truncated = component("estimator=truncated_bp", "regularizer.kl_beta=0.1", "estimator.k=2")
+    out = truncated(policy, Saturation(), ["a", "b"], torch.Generator().manual_seed(0), backward)
+    assert out.metrics["kl"] == 0.0
+    grpo = component("estimator=grpo", "regularizer.kl_beta=0.1", "estimator.group_size=2", "trainer.batch_size=4",
+                     "estimator.train_batch_size=4", "estimator.grad_accum=1")
+    (update,) = grpo.collect(policy, Saturation(), ["a", "b", "c", "d"], torch.Generator().manual_seed(0))
+    assert grpo.update(policy, Saturation(), update, backward).metrics["kl"] == 0.0
+
+
 def test_eval_chain_is_the_ddim_schedule_at_its_own_steps_eta_and_guidance(tiny_path):
     """trainer.eval_sampling: the held-out chain is DDIMScheduler's at those steps; None keeps training's."""
     from diffusers import DDIMScheduler
