@@ -169,10 +169,11 @@ class Policy(Protocol):
 
     def sample(
         self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-        chain: Chain | None = None, kl: bool = False,
+        chain: Chain | None = None, kl: bool = False, shared_start: int = 1,
     ) -> Rollout:
         """Sample B trajectories on `chain` (default: the policy's); `grad_steps` keep autograd history;
-        `kl`: also the KL to the reference policy on the grad steps (Rollout.kl)."""
+        `kl`: also the KL to the reference policy on the grad steps (Rollout.kl); `shared_start`: each run
+        of that many consecutive samples starts from one x_T (DanceGRPO's same noise for a group)."""
         ...
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:

@@ -17,7 +17,7 @@ from rlr_cli import lora
 from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Chain, Family, Rollout, Transition
 from rlr_cli.lora import LoraOptions
-from rlr_cli.sampling import DDIMChain, as_steps, column, gaussian_log_prob
+from rlr_cli.sampling import DDIMChain, as_steps, column, gaussian_log_prob, start_noise
 
 
 class DiffusionPolicy:
@@ -95,13 +95,13 @@ class DiffusionPolicy:
 
     # ---- the Policy protocol ---------------------------------------------------------------------
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-               chain: Chain | None = None, kl: bool = False) -> Rollout:
+               chain: Chain | None = None, kl: bool = False, shared_start: int = 1) -> Rollout:
         """Sample B trajectories; the noise is drawn on the CPU generator, so runs are device-independent."""
         chain = chain or self.chain
         cond = self.family.encode(prompts, negative=self._guidance(chain) != 1.0)
         shape = self.family.latent_shape(len(prompts))
         self.trajectories_sampled += len(prompts)
-        x = torch.randn(shape, generator=generator).to(self.device)
+        x = start_noise(shape, shared_start, generator).to(self.device)
         noises = torch.randn((chain.num_steps, *shape), generator=generator).to(self.device)
         with_grad = set(grad_steps)
         latents, log_probs, kls = [x], [], []

@@ -85,6 +85,17 @@ class DDIMChain:
         return per_sample(self._sqrt_a_prev, steps, x) * x0 + per_sample(self._eps_coef, steps, x) * out
 
 
+def start_noise(shape: tuple[int, ...], shared: int, generator: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_T (B, ...) ~ N(0, I); with shared > 1 each run of `shared` consecutive samples gets the same draw."""
+    if shared == 1:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    if shape[0] % shared:
+        raise ValueError(f"a batch of {shape[0]} does not split into runs of {shared}")
+    draws = torch.randn((shape[0] // shared, *shape[1:]), generator=generator, dtype=dtype)
+    return draws.repeat_interleave(shared, dim=0)
+
+
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
     """log N(x; mean, std^2 I) per sample, x (B,...) treated as data, std (B,) float64 -> (B,),
     averaged over dims (DDPO's convention) or summed (the true log-density)."""

@@ -153,11 +153,11 @@ class DDPO:
                           self.kl_beta)
 
 
-def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator
-                     ) -> tuple[Rollout, Tensor]:
+def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
+                     shared_start: int = 1) -> tuple[Rollout, Tensor]:
     """Trajectories without gradients (their log-probabilities stored) and their rewards."""
     with torch.no_grad():
-        rollout = detached(policy.sample(prompts, generator=generator, grad_steps=()))
+        rollout = detached(policy.sample(prompts, generator=generator, grad_steps=(), shared_start=shared_start))
         rewards = score(policy, reward, rollout.final, prompts).detach()
     return rollout, rewards
 

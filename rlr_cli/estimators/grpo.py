@@ -36,6 +36,7 @@ class GRPO:
         self,
         *,
         group_size: Annotated[int, Field(ge=2)],
+        same_noise: bool,
         std: Literal["group", "global", "none"],
         num_inner_epochs: Positive,
         train_batch_size: Positive,
@@ -47,7 +48,7 @@ class GRPO:
         reward_scale: PositiveFloat,
         kl_beta: NonNegativeFloat,
     ):
-        self.group_size, self.std, self.kl_beta = group_size, std, kl_beta
+        self.group_size, self.same_noise, self.std, self.kl_beta = group_size, same_noise, std, kl_beta
         self.num_inner_epochs, self.train_batch_size, self.grad_accum = num_inner_epochs, train_batch_size, grad_accum
         self.timestep_fraction, self.clip_range, self.adv_clip_max = timestep_fraction, clip_range, adv_clip_max
         self.target, self.reward_scale = target, reward_scale
@@ -84,7 +85,8 @@ class GRPO:
 
     def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:
         prompts = self.groups(prompts)
-        rollout, rewards = sample_and_score(policy, reward, prompts, generator)
+        rollout, rewards = sample_and_score(policy, reward, prompts, generator,
+                                            shared_start=self.group_size if self.same_noise else 1)
         advantages = self.advantages(utility(rewards, self.target, self.reward_scale))
         batch = Batch(rollout, rewards, advantages, max(1, int(policy.num_steps * self.timestep_fraction)))
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)

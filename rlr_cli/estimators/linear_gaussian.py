@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rlr_cli.interfaces import Rollout, Transition
-from rlr_cli.sampling import as_steps, gaussian_log_prob
+from rlr_cli.sampling import as_steps, gaussian_log_prob, start_noise
 
 NO_REFERENCE = "the linear-Gaussian chain has no reference policy (KL regularisation is checked on the tiny UNet)"
 
@@ -105,12 +105,12 @@ class LinearGaussianPolicy(torch.nn.Module):
         return decay * x + x @ self.weight.T + self.bias[steps]
 
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-               chain=None, kl: bool = False) -> Rollout:
+               chain=None, kl: bool = False, shared_start: int = 1) -> Rollout:
         """B = len(prompts) trajectories; steps outside grad_steps detach f_i but keep d/dx of a_i x."""
         if kl:
             raise NotImplementedError(NO_REFERENCE)
         with_grad, b = set(grad_steps), len(prompts)
-        x = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
+        x = start_noise((b, self.dim), shared_start, generator, torch.float64)
         latents, noises, log_probs = [x], [], []
         for i in range(self.num_steps):
             z = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)

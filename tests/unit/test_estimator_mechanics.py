@@ -165,6 +165,17 @@ def test_grpo_groups_prompts_and_normalises_within_each_group_as_flow_grpo():
         assert grpo.advantages(u).numpy() == pytest.approx(np.clip(values, -5, 5).flatten(), rel=1e-6)
 
 
+def test_grpo_same_noise_starts_each_group_from_one_x_t(tiny_path):
+    """estimator.same_noise (DanceGRPO's init_same_noise): x_T shared within a group, not across groups."""
+    policy = component(*TINY)
+    grpo = component("estimator=grpo", "estimator.group_size=2", "estimator.same_noise=true", "trainer.batch_size=4",
+                     "estimator.train_batch_size=4", "estimator.grad_accum=1")
+    (update,) = grpo.collect(policy, Saturation(), ["a", "b", "c", "d"], torch.Generator().manual_seed(0))
+    start, final = update.batch.rollout.latents[:, 0], update.batch.rollout.latents[:, -1]
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
+    assert not torch.equal(final[0], final[1])  # the transitions' noise is each sample's own
+
+
 def test_grpo_ratio_is_one_on_the_first_update_then_moves(tiny_path):
     """Flow-GRPO / DanceGRPO's debug rule: on the batch's first update the policy is the sampler (ratio 1)."""
     policy = component(*TINY)
