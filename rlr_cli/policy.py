@@ -115,7 +115,7 @@ class DiffusionPolicy:
             stochastic = bool((std > 0).all())
             log_probs.append(gaussian_log_prob(x, mean.detach(), std) if stochastic else x.new_zeros(len(prompts)))
             latents.append(x)
-        total_kl = torch.stack(kls).sum(dim=0) if kls else x.new_zeros(len(prompts)) if kl else None
+        total_kl = (torch.stack(kls).sum(dim=0) if kls else x.new_zeros(len(prompts))) if kl else None
         return Rollout(latents=torch.stack(latents, dim=1), noises=noises.transpose(0, 1),
                        log_probs=torch.stack(log_probs, dim=1).detach(), chain=chain, cond=cond, prompts=list(prompts),
                        kl=total_kl)

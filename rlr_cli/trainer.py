@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from rlr_cli.build import Run
 
 
-
 @dataclass(frozen=True)
 class EvalSampling:
     """trainer.eval_sampling: the held-out samples' own chain settings; None: the training value."""
