@@ -51,15 +51,23 @@ def nodes(tree, where=""):
         yield from nodes(value, f"{where}.{key}" if where else str(key))
 
 
-@pytest.mark.parametrize("option", [o for o in OPTIONS if o.split("=")[0] not in ("experiment", "setup", "recipe")])
-def test_defaults_live_in_the_yaml_alone(option):
-    """No option of a project class has a Python default: the YAML file is its one source."""
+GROUP_OPTIONS = [o for o in OPTIONS if o.split("=")[0] not in ("experiment", "setup", "recipe")]
+
+
+def project_nodes(option: str):
+    """(where, node, target) of every node of the option's group whose target is a project class."""
     plain = validate(compose_config(option), across_groups=False)
     group = option.split("=")[0]
     for where, node in nodes(plain[group] if group in plain else plain, group):
         target = import_target(node["_target_"], where)
-        if not target.__module__.startswith(("rlr_cli.", "rewards.")):
-            continue
+        if target.__module__.startswith(("rlr_cli.", "rewards.")):
+            yield where, node, target
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_defaults_live_in_the_yaml_alone(option):
+    """No option of a project class has a Python default: the YAML file is its one source."""
+    for where, node, target in project_nodes(option):
         defaults = [name for name, p in inspect.signature(target).parameters.items()
                     if p.default is not inspect.Parameter.empty and name in node]
         assert not defaults, f"{where}: {node['_target_']} has Python defaults for {defaults}"
@@ -89,15 +97,10 @@ def options_of(target) -> dict:
     return found
 
 
-@pytest.mark.parametrize("option", [o for o in OPTIONS if o.split("=")[0] not in ("experiment", "setup", "recipe")])
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
 def test_every_number_has_a_range(option):
     """Counts, sizes, rates, probabilities and scales are range-checked by the validation pass."""
-    plain = validate(compose_config(option), across_groups=False)
-    group = option.split("=")[0]
-    for where, node in nodes(plain[group] if group in plain else plain, group):
-        target = import_target(node["_target_"], where)
-        if not target.__module__.startswith(("rlr_cli.", "rewards.")):
-            continue
+    for where, node, target in project_nodes(option):
         free = [name for name, annotation in options_of(target).items() if name.split(".")[0] in node
                 and name.split(".")[-1] not in FREE_NUMBERS and unbounded_number(annotation)]
         assert not free, f"{where}: {node['_target_']} takes {free} without a range (rlr_cli/ranges.py)"
