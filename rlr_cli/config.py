@@ -269,13 +269,18 @@ def run_facts(plain: dict) -> RunFacts:
         num_steps=int(model.get("num_steps", 0)), eta=float(model.get("eta", 0.0)),
         reward_differentiable=reward_is_differentiable(plain["reward"], trusted_modules(plain)),
         lora=model.get("lora") is not None, batch_size=int(trainer["batch_size"]), grad_accum=int(trainer["grad_accum"]),
-        kl_beta=float((plain.get("regularizer") or {}).get("kl_beta", 0.0)),
+        kl_beta=float(kl_beta(plain)),
     )
+
+
+def kl_beta(plain: dict) -> Any:
+    """regularizer.kl_beta as configured (0 in a config older than the regularizer)."""
+    return (plain.get("regularizer") or {}).get("kl_beta", 0.0)
 
 
 def check_regularizer(plain: dict) -> None:
     """regularizer.kl_beta is a weight >= 0 (named here: the estimators receive it by interpolation)."""
-    beta = (plain.get("regularizer") or {}).get("kl_beta", 0.0)
+    beta = kl_beta(plain)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise UserError(f"regularizer.kl_beta={beta!r}: must be a number >= 0")
 

@@ -135,12 +135,13 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
     base = [meter.run(sample) for _ in range(steps)]
     rows, skipped = {}, {}
     names = [Path(config).stem for config in sorted(glob.glob(str(ROOT / "configs/estimator/*.yaml")))]
-    variants = [(name, ()) for name in names if not only or name in only]
+    variants = [(name, name, ()) for name in names if not only or name in only]  # (row, estimator, overrides)
     if kl_beta > 0:  # the KL term's cost: one more denoiser call (no grad) per regularised step
-        variants += [(f"{name} + kl", (f"regularizer.kl_beta={kl_beta}",)) for name, _ in variants if name in KL_ESTIMATORS]
-    for name, overrides in variants:
+        variants += [(f"{name} + kl", name, (f"regularizer.kl_beta={kl_beta}",))
+                     for name, _, _ in variants if name in KL_ESTIMATORS]
+    for name, estimator_name, overrides in variants:
         try:
-            estimator = load_estimator(name.removesuffix(" + kl"), model, num_steps, batch, *overrides)
+            estimator = load_estimator(estimator_name, model, num_steps, batch, *overrides)
             if isinstance(estimator, ShortFT):  # its shortcut must fit this model's UNet
                 estimator.attach(policy)
         except UserError as error:

@@ -144,7 +144,7 @@ class DDPO:
     def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:
         rollout, rewards = sample_and_score(policy, reward, prompts, generator)
         advantages = self._advantages(utility(rewards, self.target, self.reward_scale), prompts)
-        batch = Batch(rollout, rewards, advantages, max(1, int(policy.num_steps * self.timestep_fraction)))
+        batch = Batch(rollout, rewards, advantages, trained_steps(policy.num_steps, self.timestep_fraction))
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
     # -- training ----------------------------------------------------------------------------------
@@ -160,6 +160,11 @@ def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], gen
         rollout = detached(policy.sample(prompts, generator=generator, grad_steps=(), shared_start=shared_start))
         rewards = score(policy, reward, rollout.final, prompts).detach()
     return rollout, rewards
+
+
+def trained_steps(num_steps: int, timestep_fraction: float) -> int:
+    """How many of a sample's transitions one pass trains: int(T * fraction), at least one."""
+    return max(1, int(num_steps * timestep_fraction))
 
 
 def plan(batch: Batch, generator: torch.Generator, num_inner_epochs: int, train_batch_size: int,
@@ -189,7 +194,7 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
     # accelerate's average over grad_accum * trained terms, or the estimator's sum over transitions
     per_term = 1.0 / len(update.sub_batches) / (trained if timestep_reduce == "mean" else trained / policy.num_steps)
     terms = LossTerms(backward)
-    kls, clipped, ratios, used, references = [], [], [], [], []
+    kls, clipped, ratios, used, divergences = [], [], [], [], []
     for idx, times in update.sub_batches:
         used.append(idx)
         sub = select(rollout, idx)
@@ -209,7 +214,7 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
                 clipped.append(((ratio.detach() - 1).abs() > clip_range).float())
             if divergence is not None:
                 loss = loss + kl_beta * divergence
-                references.append(divergence.detach())
+                divergences.append(divergence.detach())
             terms.add(per_term * loss.mean())
             kls.append(0.5 * (new.detach() - old) ** 2)
             ratios.append(ratio.detach())
@@ -222,6 +227,6 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
         # on the batch's first update the policy is the one that sampled: 1 up to float rounding
         "ratio_deviation": (torch.cat(ratios) - 1).abs().max().item(),
     }
-    if references:  # per transition, as reduced: x trained transitions for a trajectory's KL
-        metrics["kl"] = torch.cat(references).mean().item()
+    if divergences:  # per transition, as reduced: x trained transitions for a trajectory's KL
+        metrics["kl"] = torch.cat(divergences).mean().item()
     return EstimatorOutput(loss=terms.total, rewards=batch.rewards[used_samples], metrics=metrics)

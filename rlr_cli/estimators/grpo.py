@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rlr_cli.errors import UserError
 from rlr_cli.estimators.common import require_kl_chain, require_stochastic, utility
-from rlr_cli.estimators.ddpo import Batch, Update, plan, ppo_update, sample_and_score
+from rlr_cli.estimators.ddpo import Batch, Update, plan, ppo_update, sample_and_score, trained_steps
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, RunFacts
 from rlr_cli.ranges import NonNegativeFloat, Positive, PositiveFloat
 
@@ -88,7 +88,7 @@ class GRPO:
         rollout, rewards = sample_and_score(policy, reward, prompts, generator,
                                             shared_start=self.group_size if self.same_noise else 1)
         advantages = self.advantages(utility(rewards, self.target, self.reward_scale))
-        batch = Batch(rollout, rewards, advantages, max(1, int(policy.num_steps * self.timestep_fraction)))
+        batch = Batch(rollout, rewards, advantages, trained_steps(policy.num_steps, self.timestep_fraction))
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
     def update(self, policy: Policy, reward: Reward, update: Update, backward: Backward) -> EstimatorOutput:
