@@ -267,10 +267,19 @@ def run_facts(plain: dict) -> RunFacts:
     model, trainer = plain["model"], plain["trainer"]
     return RunFacts(
         num_steps=int(model.get("num_steps", 0)), eta=float(model.get("eta", 0.0)),
+        sampler=model_sampler(model, trusted_modules(plain)), sde_window=model.get("sde_window") is not None,
         reward_differentiable=reward_is_differentiable(plain["reward"], trusted_modules(plain)),
         lora=model.get("lora") is not None, batch_size=int(trainer["batch_size"]), grad_accum=int(trainer["grad_accum"]),
         kl_beta=float(kl_beta(plain)),
     )
+
+
+def model_sampler(model: dict, trusted: tuple[str, ...]) -> str:
+    """The SAMPLER a model family's module declares (rlr_cli/models/: ddim | flow)."""
+    import sys
+
+    target = import_target(model["_target_"], "model", trusted)
+    return getattr(sys.modules[target.__module__], "SAMPLER", "ddim")
 
 
 def kl_beta(plain: dict) -> Any:

@@ -60,6 +60,10 @@ class Chain(Protocol):
         """x_0 carried by the forward process q(x_t | x_0) to each sample's transition input (DRaFT-LV)."""
         ...
 
+    def resampled(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> Chain:
+        """The same schedule with other sampling settings (held-out evaluation's); None keeps this chain's."""
+        ...
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -271,7 +275,9 @@ class RunFacts:
     """What an estimator's cross-group check may read, known before any weight loads."""
 
     num_steps: int  # transitions of the model's chain
-    eta: float  # the chain's stochasticity (0: deterministic)
+    eta: float  # the chain's stochasticity (0: deterministic): DDIM's eta, the flow SDE's noise level
+    sampler: str  # the model family's chain: ddim (SD 1.x, SDXL) | flow (SD3, FLUX)
+    sde_window: bool  # a flow chain samples the SDE on some steps only (the ODE elsewhere)
     reward_differentiable: bool
     lora: bool  # the model trains a LoRA (not all weights)
     batch_size: int  # trainer.batch_size

@@ -17,7 +17,7 @@ from rlr_cli import lora
 from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Chain, Family, Rollout, Transition
 from rlr_cli.lora import LoraOptions
-from rlr_cli.sampling import DDIMChain, as_steps, column, gaussian_log_prob, start_noise
+from rlr_cli.sampling import as_steps, column, gaussian_log_prob, start_noise
 
 
 class DiffusionPolicy:
@@ -164,10 +164,7 @@ class DiffusionPolicy:
         keeps the training value)."""
         if num_steps is None and eta is None and guidance_scale is None:
             return self.chain
-        if not isinstance(self.chain, DDIMChain):
-            raise UserError(f"trainer.eval_sampling needs a DDIM chain; this policy samples {type(self.chain).__name__}")
-        return self.chain.resampled(num_steps or self.chain.num_steps, self.chain.eta if eta is None else eta,
-                                    guidance_scale)
+        return self.chain.resampled(num_steps, eta, guidance_scale)
 
     def overlong(self, prompts: Sequence[str]) -> tuple[int, int]:
         return self.family.overlong(prompts)

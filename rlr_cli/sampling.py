@@ -1,7 +1,14 @@
-"""The DDIM chain with its Gaussian transitions (as in DDPO, kvablack/ddpo-pytorch), and the log-density.
+"""The sampling chains with their Gaussian transitions, and the log-density.
 
+DDIM (as in DDPO, kvablack/ddpo-pytorch), for noise-predicting UNets (SD 1.x, SDXL):
 x_prev = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps + std * z, with
 std = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).
+
+Flow matching as an SDE (Flow-GRPO, yifan123/flow_grpo sd3_sde_with_logprob.py), for velocity-predicting
+transformers (SD3, FLUX): with sigma the step's noise level, dt = sigma_next - sigma < 0 and
+s = eta * sqrt(sigma / (1 - sigma)) (eta: Flow-GRPO's noise_level a),
+x_next = x (1 + s^2 / (2 sigma) dt) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt + s sqrt(-dt) z;
+eta = 0 is the scheduler's Euler step x + v dt.
 
 Per-step coefficients are computed once in float64 and gathered per sample, so a batch whose samples
 sit at different transitions runs in one call, with the same numbers as one step at a time.
@@ -59,11 +66,13 @@ class DDIMChain:
         self._sqrt_a_prev = table([math.sqrt(a) for a in a_prev])
         self._eps_coef = table([math.sqrt(max(1 - p - s**2, 0.0)) for p, s in zip(a_prev, std)])
 
-    def resampled(self, num_steps: int, eta: float, guidance_scale: float | None) -> DDIMChain:
-        """The same schedule sampled with other settings (held-out evaluation's own); guidance None: the policy's."""
+    def resampled(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> DDIMChain:
+        """The same schedule sampled with other settings (held-out evaluation's own); None keeps this chain's
+        value (guidance: the policy's)."""
         from diffusers import DDIMScheduler
 
-        chain = DDIMChain(DDIMScheduler.from_config(self.scheduler_config), num_steps, eta)
+        chain = DDIMChain(DDIMScheduler.from_config(self.scheduler_config), num_steps or self.num_steps,
+                          self.eta if eta is None else eta)
         chain.guidance_scale = guidance_scale
         return chain
 
@@ -83,6 +92,87 @@ class DDIMChain:
         """Mean of x_prev given x (B,C,H,W) at each sample's step and the noise prediction (B,C,H,W)."""
         x0 = self.predict_x0(steps, x, out)
         return per_sample(self._sqrt_a_prev, steps, x) * x0 + per_sample(self._eps_coef, steps, x) * out
+
+
+class FlowChain:
+    """A flow-matching schedule of T steps (the scheduler's shifted sigmas), sampled as Flow-GRPO's SDE on the
+    steps of `sde_window` [start, stop) (every step when None) and as the Euler ODE elsewhere (MixGRPO /
+    Flow-GRPO-Fast). The model's output is the velocity v; x0_hat = x - sigma v."""
+
+    guidance_scale: float | None = None  # the policy's own
+
+    def __init__(self, scheduler, num_steps: int, eta: float, sde_window: tuple[int, int] | None = None,
+                 image_seq_len: int | None = None, linear_sigmas: bool = False):
+        """image_seq_len: latent tokens, for the resolution-dependent shift of schedulers with dynamic shifting;
+        linear_sigmas: start from linspace(1, 1/T) as FluxPipeline does (SD3's pipeline lets the scheduler)."""
+        self.scheduler_config = scheduler.config
+        self.num_steps, self.eta, self.sde_window = num_steps, eta, sde_window
+        self.image_seq_len, self.linear_sigmas = image_seq_len, linear_sigmas
+        scheduler.set_timesteps(num_steps, **flow_schedule(scheduler.config, num_steps, image_seq_len, linear_sigmas))
+        self.timesteps = scheduler.timesteps.clone().cpu()  # (T,) sigma * num_train_timesteps, descending
+        sigmas = scheduler.sigmas.double().cpu()  # (T+1,), the last 0
+        start, stop = sde_window or (0, num_steps)
+        sigma, dt = sigmas[:-1], sigmas[1:] - sigmas[:-1]
+        # at sigma = 1 the SDE's std is infinite; Flow-GRPO divides by 1 - sigmas[1] there instead
+        denominator = 1 - torch.where(sigma == 1, sigmas[1] if num_steps > 1 else 0.0, sigma)
+        s = eta * torch.sqrt(sigma / denominator)
+        s[:start], s[stop:] = 0.0, 0.0
+        self._sigma = sigma
+        self._x_coef = 1 + s**2 / (2 * sigma) * dt
+        self._v_coef = (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+        self._std = s * torch.sqrt(-dt)
+
+    def resampled(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> FlowChain:
+        """The same schedule sampled with other settings (held-out evaluation: the SDE everywhere or nowhere)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        window = self.sde_window if num_steps in (None, self.num_steps) else None  # its indices are of T steps
+        chain = FlowChain(FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
+                          num_steps or self.num_steps, self.eta if eta is None else eta, window, self.image_seq_len,
+                          self.linear_sigmas)
+        chain.guidance_scale = guidance_scale
+        return chain
+
+    def adapters(self, i: int) -> tuple[str, ...]:
+        return ()
+
+    def std(self, steps: Tensor) -> Tensor:
+        return self._std[steps]
+
+    def predict_x0(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        return x - per_sample(self._sigma, steps, x) * out
+
+    def noised(self, steps: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+        sigma = per_sample(self._sigma, steps, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        """Mean of x_next given x and the velocity (B,C,H,W), in float32 (bf16 overflows here, Flow-GRPO notes)."""
+        x, out = x.float(), out.float()
+        return per_sample(self._x_coef, steps, x) * x + per_sample(self._v_coef, steps, x) * out
+
+
+def flow_schedule(config, num_steps: int, image_seq_len: int | None, linear_sigmas: bool) -> dict:
+    """set_timesteps' keyword arguments as the SD3 / FLUX pipelines pass them: sigmas, and mu for dynamic shift."""
+    import numpy as np
+
+    kwargs: dict = {}
+    if linear_sigmas:
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    if config.get("use_dynamic_shifting", False):
+        if image_seq_len is None:
+            raise ValueError("a scheduler with dynamic shifting needs the image's latent sequence length")
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (high - low) / (top - base)  # diffusers' calculate_shift, in its order of operations
+        kwargs["mu"] = image_seq_len * slope + (low - slope * base)
+    return kwargs
+
+
+def stochastic_steps(chain) -> Tensor:
+    """(n,) int64 indices of the chain's transitions with std > 0: those with a log-density (all of them
+    for DDIM with eta > 0; the SDE window of a flow chain)."""
+    return torch.nonzero(chain.std(torch.arange(chain.num_steps)) > 0).flatten()
 
 
 def start_noise(shape: tuple[int, ...], shared: int, generator: torch.Generator,

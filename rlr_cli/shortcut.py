@@ -135,6 +135,9 @@ class ShortcutChain:
         alpha = self._alpha(int(self.timesteps[_single(steps)]))
         return math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * noise
 
+    def resampled(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> ShortcutChain:
+        raise ValueError("held-out samples are drawn on the policy's long chain, never on a shortcut chain")
+
     def _std(self, i: int) -> float:
         if not self.is_shortcut(i):
             return float(self.long.std(as_steps(self._long_index(i), 1))[0])

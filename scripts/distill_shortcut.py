@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from rlr_cli import lora
-from rlr_cli.models.sd import UNetLoraFormat
+from rlr_cli.models.sd import StableDiffusion
 from rlr_cli.sampling import DDIMChain
 from rlr_cli.shortcut import even_indices
 
@@ -216,7 +216,7 @@ def main() -> None:
     # ---- 3. save (diffusers LoRA format) -----------------------------------------------------------------
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lora.write(out, student, UNetLoraFormat(), lora.metadata(args.rank, args.alpha, TARGET_MODULES))
+    lora.write(out, student, StableDiffusion.lora_format, lora.metadata(args.rank, args.alpha, TARGET_MODULES))
     (out / "distill_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(f"held-out {args.k}-step latent MSE to the 50-step x_0: {log['k_step_mse_before']:.4f} without the "
           f"LoRA (student at init), {log['k_step_mse_after']:.4f} after {step} steps; "

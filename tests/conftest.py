@@ -26,4 +26,4 @@ def pytest_collection_modifyitems(items):
 def tiny_path() -> str:
     from rlr_cli.tiny import ensure_tiny_pipeline
 
-    return ensure_tiny_pipeline(os.environ["RLR_CACHE_DIR"])
+    return ensure_tiny_pipeline(os.environ["RLR_CACHE_DIR"], "sd")

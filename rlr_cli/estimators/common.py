@@ -52,11 +52,22 @@ def require_no_kl(run: RunFacts, estimator: str) -> None:
                         f"use one that does ({', '.join(KL_ESTIMATORS)}) or regularizer.kl_beta=0")
 
 
-def require_kl_chain(run: RunFacts, estimator: str) -> None:
-    """The KL between two transitions with std 0 is undefined: kl_beta > 0 needs a stochastic chain."""
+def require_kl_chain(run: RunFacts, estimator: str, pathwise: bool = True) -> None:
+    """The KL between two transitions with std 0 is undefined: kl_beta > 0 needs a stochastic chain (for a
+    pathwise estimator, stochastic at every step: its KL terms are on all the steps it differentiates)."""
     if run.kl_beta > 0 and run.eta <= 0:
         raise UserError(f"regularizer.kl_beta={run.kl_beta} with estimator={estimator} needs a stochastic chain "
                         f"(the per-step KL divides by the step's std): model.eta={run.eta}; set model.eta > 0")
+    if run.kl_beta > 0 and pathwise and run.sde_window:
+        raise UserError(f"regularizer.kl_beta={run.kl_beta} with estimator={estimator} needs the SDE on every step "
+                        "it differentiates (the KL of an ODE step is undefined): set model.sde_window=null")
+
+
+def require_sde_everywhere(run: RunFacts, estimator: str) -> None:
+    """Likelihood-ratio terms at every step need every step stochastic: no SDE window."""
+    if run.sde_window:
+        raise UserError(f"estimator={estimator} has likelihood-ratio terms on every step, but model.sde_window "
+                        "samples the ODE outside it; set model.sde_window=null (ddpo and grpo train inside a window)")
 
 
 def reward_metrics(rewards: Tensor) -> dict[str, float]:

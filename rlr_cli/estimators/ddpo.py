@@ -36,8 +36,9 @@ from rlr_cli.estimators.common import (
     select,
     utility,
 )
-from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+from rlr_cli.interfaces import Backward, Chain, EstimatorOutput, Policy, Reward, Rollout, RunFacts
 from rlr_cli.ranges import NonNegativeFloat, Positive, PositiveFloat
+from rlr_cli.sampling import stochastic_steps
 
 
 class PerPromptStatTracker:
@@ -123,7 +124,7 @@ class DDPO:
             raise UserError(f"estimator=ddpo: trainer.batch_size={run.batch_size} is not a multiple of "
                             f"estimator.train_batch_size={options['train_batch_size']}")
         require_stochastic(run, "ddpo")
-        require_kl_chain(run, "ddpo")
+        require_kl_chain(run, "ddpo", pathwise=False)
 
     def state_dict(self) -> dict:
         return {"stat_tracker": self.tracker.state_dict()}
@@ -144,7 +145,7 @@ class DDPO:
     def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:
         rollout, rewards = sample_and_score(policy, reward, prompts, generator)
         advantages = self._advantages(utility(rewards, self.target, self.reward_scale), prompts)
-        batch = Batch(rollout, rewards, advantages, trained_steps(policy.num_steps, self.timestep_fraction))
+        batch = Batch(rollout, rewards, advantages, trained_steps(rollout.chain, self.timestep_fraction))
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
     # -- training ----------------------------------------------------------------------------------
@@ -162,20 +163,21 @@ def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], gen
     return rollout, rewards
 
 
-def trained_steps(num_steps: int, timestep_fraction: float) -> int:
-    """How many of a sample's transitions one pass trains: int(T * fraction), at least one."""
-    return max(1, int(num_steps * timestep_fraction))
+def trained_steps(chain: Chain, timestep_fraction: float) -> int:
+    """How many of a sample's stochastic transitions one pass trains: int(n * fraction), at least one."""
+    return max(1, int(len(stochastic_steps(chain)) * timestep_fraction))
 
 
 def plan(batch: Batch, generator: torch.Generator, num_inner_epochs: int, train_batch_size: int,
          grad_accum: int) -> list[Update]:
-    """The batch's schedule: inner epochs, each shuffling the samples and (per sample) the timesteps, cut
-    into sub-batches, grad_accum of them per optimizer step."""
-    b, t = batch.rollout.latents.shape[0], batch.rollout.chain.num_steps
+    """The batch's schedule: inner epochs, each shuffling the samples and (per sample) the stochastic
+    timesteps, cut into sub-batches, grad_accum of them per optimizer step."""
+    b, stochastic = batch.rollout.latents.shape[0], stochastic_steps(batch.rollout.chain)
     sub_batches: list[tuple[Tensor, Tensor]] = []
     for _ in range(num_inner_epochs):
         order = torch.randperm(b, generator=generator)
-        times = torch.stack([torch.randperm(t, generator=generator)[: batch.trained] for _ in range(b)])
+        times = torch.stack([stochastic[torch.randperm(len(stochastic), generator=generator)[: batch.trained]]
+                             for _ in range(b)])
         for s in range(0, b, train_batch_size):
             idx = order[s : s + train_batch_size]
             sub_batches.append((idx, times[idx]))
@@ -190,9 +192,9 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
     log-probabilities are (Flow-GRPO's loss)."""
     batch = update.batch
     rollout, adv, trained = batch.rollout, batch.advantages, batch.trained
-    dims = rollout.latents[0, 0].numel()
-    # accelerate's average over grad_accum * trained terms, or the estimator's sum over transitions
-    per_term = 1.0 / len(update.sub_batches) / (trained if timestep_reduce == "mean" else trained / policy.num_steps)
+    dims, stochastic = rollout.latents[0, 0].numel(), len(stochastic_steps(rollout.chain))
+    # accelerate's average over grad_accum * trained terms, or the estimator's sum over stochastic transitions
+    per_term = 1.0 / len(update.sub_batches) / (trained if timestep_reduce == "mean" else trained / stochastic)
     terms = LossTerms(backward)
     kls, clipped, ratios, used, divergences = [], [], [], [], []
     for idx, times in update.sub_batches:

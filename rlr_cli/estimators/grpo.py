@@ -67,7 +67,7 @@ class GRPO:
             raise UserError(f"estimator=grpo: trainer.batch_size={b} is not a multiple of "
                             f"estimator.train_batch_size={sub}")
         require_stochastic(run, "grpo")
-        require_kl_chain(run, "grpo")
+        require_kl_chain(run, "grpo", pathwise=False)
 
     def groups(self, prompts: Sequence[str]) -> list[str]:
         """The batch's prompts: the first len / group_size drawn, each repeated group_size times."""
@@ -88,7 +88,7 @@ class GRPO:
         rollout, rewards = sample_and_score(policy, reward, prompts, generator,
                                             shared_start=self.group_size if self.same_noise else 1)
         advantages = self.advantages(utility(rewards, self.target, self.reward_scale))
-        batch = Batch(rollout, rewards, advantages, trained_steps(policy.num_steps, self.timestep_fraction))
+        batch = Batch(rollout, rewards, advantages, trained_steps(rollout.chain, self.timestep_fraction))
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
     def update(self, policy: Policy, reward: Reward, update: Update, backward: Backward) -> EstimatorOutput:

@@ -61,6 +61,9 @@ class LinearChain:
     def noised(self, steps: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
         raise NotImplementedError("the linear-Gaussian chain has no forward process q(x_t | x_0) to re-noise x_0 with")
 
+    def resampled(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> LinearChain:
+        raise NotImplementedError("the linear-Gaussian chain has one schedule")
+
 
 class LinearGaussianPolicy(torch.nn.Module):
     """The chain above as a Policy (float64, CPU); `exact_gradient(reward)` gives grad J in closed form."""

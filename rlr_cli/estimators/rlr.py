@@ -30,6 +30,7 @@ from rlr_cli.estimators.common import (
     draw,
     require_differentiable,
     require_no_kl,
+    require_sde_everywhere,
     require_stochastic,
     reward_metrics,
     score,
@@ -122,6 +123,7 @@ class RLR:
             require_differentiable(run, f"rlr with fo_steps={k}", "backpropagates through the reward (set "
                                    "estimator.fo_steps=0 for a non-differentiable one)")
         require_stochastic(run, "rlr")
+        require_sde_everywhere(run, "rlr")
 
     def _zo_steps(self, generator: torch.Generator, others: list[int]) -> tuple[list[int], float]:
         """The ZO transitions used this call and their weight |C| / m."""

@@ -58,6 +58,10 @@ class ShortFT:
     @staticmethod
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "shortft")
+        if run.sampler != "ddim":
+            raise UserError(f"estimator=shortft needs a DDIM model (SD 1.x, SDXL): its shortcuts (LCM, TCD, Hyper-SD "
+                            f"LoRAs) shorten a DDIM chain, and this model samples a {run.sampler} chain; a flow model "
+                            "samples few steps itself (model.num_steps=4 with truncated_bp or full_bp)")
         require_no_kl(run, "shortft")
         if not run.lora:
             raise UserError("estimator=shortft keeps its shortcut as a frozen LoRA beside the trainable one: "

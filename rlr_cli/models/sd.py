@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Sequence
 
 import torch
@@ -12,44 +11,18 @@ from pydantic import Field
 from torch import Tensor
 
 from rlr_cli.lora import LoraOptions
-from rlr_cli.models.loading import Dtype, load_pipeline, vae_decode
+from rlr_cli.models.loading import Conditioning, Dtype, PipelineLoraFormat, guided, load_pipeline, vae_decode
 from rlr_cli.policy import DiffusionPolicy
 from rlr_cli.prompts import count_overlong
 from rlr_cli.ranges import NonNegativeFloat
 from rlr_cli.sampling import DDIMChain
 
-
-@dataclass(frozen=True)
-class TextConditioning:
-    """Prompt embeddings (B,L,D) and, for classifier-free guidance, the negative prompt's (B,L,D)."""
-
-    embeds: Tensor
-    negative: Tensor | None
-
-
-class UNetLoraFormat:
-    """LoRA files of StableDiffusionPipeline (keys `unet.*`)."""
-
-    prefix = "unet"
-
-    def save(self, directory: str, layers: dict[str, Tensor], metadata: dict) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        unet_layers: dict[str, torch.nn.Module | Tensor] = dict(layers)
-        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=unet_layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=metadata)
-
-    def load_into(self, network: torch.nn.Module, state: dict, alphas: dict | None, metadata: dict | None,
-                  adapter_name: str) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, network, adapter_name=adapter_name, metadata=metadata)
-
+SAMPLER = "ddim"  # the chain this family samples (RunFacts.sampler)
 
 class StableDiffusion:
     """The SD 1.x family (interfaces.Family): CLIP text embeddings, a UNet predicting noise, CFG."""
 
-    lora_format = UNetLoraFormat()
+    lora_format = PipelineLoraFormat("StableDiffusionPipeline", "unet")
 
     def __init__(self, pipe: Any, resolution: int | None, negative_prompt: str):
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -73,18 +46,13 @@ class StableDiffusion:
         limit = self.tokenizer.model_max_length
         return count_overlong(self.tokenizer, prompts, limit), limit
 
-    def encode(self, prompts: Sequence[str], negative: bool) -> TextConditioning:
-        return TextConditioning(self._embed(prompts), self._embed([self.negative_prompt] * len(prompts)) if negative else None)
+    def encode(self, prompts: Sequence[str], negative: bool) -> Conditioning:
+        return Conditioning((self._embed(prompts),),
+                            (self._embed([self.negative_prompt] * len(prompts)),) if negative else None)
 
-    def predict(self, x: Tensor, t: Tensor, cond: TextConditioning, guidance_scale: float) -> Tensor:
+    def predict(self, x: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float) -> Tensor:
         """Guided noise prediction (B,C,h,w): one UNet call, the unconditional and text halves batched."""
-        dtype = self.unet_dtype
-        if guidance_scale == 1.0 or cond.negative is None:
-            return self.unet(x.to(dtype), t, cond.embeds.to(dtype)).sample.float()
-        both = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]),
-                         torch.cat([cond.negative, cond.embeds]).to(dtype)).sample.float()
-        uncond, text = both.chunk(2)
-        return uncond + guidance_scale * (text - uncond)
+        return guided(lambda x, t, embeds: self.unet(x, t, embeds).sample, x, t, cond, guidance_scale, self.unet_dtype)
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         side = self.resolution // self.vae_scale
