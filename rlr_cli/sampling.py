@@ -118,8 +118,9 @@ class FlowChain:
         s = eta * torch.sqrt(sigma / denominator)
         s[:start], s[stop:] = 0.0, 0.0
         self._sigma = sigma
-        self._x_coef = 1 + s**2 / (2 * sigma) * dt
-        self._v_coef = (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+        # mean = x_coef * x + v_coef * v per step (T,) float64: the closed-form check's linear chain reads them
+        self.x_coef = 1 + s**2 / (2 * sigma) * dt
+        self.v_coef = (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
         self._std = s * torch.sqrt(-dt)
 
     def resampled(self, num_steps: int | None, eta: float | None, guidance_scale: float | None) -> FlowChain:
@@ -149,7 +150,7 @@ class FlowChain:
     def mean(self, steps: Tensor, x: Tensor, out: Tensor) -> Tensor:
         """Mean of x_next given x and the velocity (B,C,H,W), in float32 (bf16 overflows here, Flow-GRPO notes)."""
         x, out = x.float(), out.float()
-        return per_sample(self._x_coef, steps, x) * x + per_sample(self._v_coef, steps, x) * out
+        return per_sample(self.x_coef, steps, x) * x + per_sample(self.v_coef, steps, x) * out
 
 
 def flow_schedule(config, num_steps: int, image_seq_len: int | None, linear_sigmas: bool) -> dict:

@@ -1,10 +1,12 @@
 """A linear-Gaussian chain whose reward gradient is known in closed form, for checking estimators.
 
-x_T ~ N(0, I_d); transition i: x_{i+1} = a_i x_i + f_i(x_i) + sigma_i z_i with the "network"
+x_T ~ N(0, I_d); transition i: x_{i+1} = a_i x_i + c_i f_i(x_i) + sigma_i z_i with the "network"
 f_i(x) = W x + b_i (W (d,d) shared, b (T,d) per step: the trainable parameters). Every sigma_i > 0,
-geometric from `sigma_first` at i = 0 down to `sigma_last` at the last step, so the on-policy
-likelihood ratio is defined at every step. With A_i = a_i I + W, x_0 ~ N(m, S):
-    m <- A_i m + b_i,   S <- A_i S A_i^T + sigma_i^2 I   (from m = 0, S = I),
+so the on-policy likelihood ratio is defined at every step. The DDIM-like problem: c_i = 1, sigma_i
+geometric from `sigma_first` at i = 0 down to `sigma_last` at the last step. The flow problem
+(`on_flow_chain`): a linear velocity field f = v, with a_i, c_i, sigma_i the flow SDE's own coefficients
+(sampling.FlowChain: mean = x_coef x + v_coef v). With A_i = a_i I + c_i W, x_0 ~ N(m, S):
+    m <- A_i m + c_i b_i,   S <- A_i S A_i^T + sigma_i^2 I   (from m = 0, S = I),
 and for the quadratic reward R(y) = -1/2 (y - c)^T Q (y - c), Q = diag(q):
     J = E[R] = -1/2 (tr(Q S) + (m - c)^T Q (m - c)),
 a polynomial in (W, b) that autograd differentiates exactly (no sampling). decode is the identity.
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rlr_cli.interfaces import Rollout, Transition
-from rlr_cli.sampling import as_steps, gaussian_log_prob, start_noise
+from rlr_cli.sampling import FlowChain, as_steps, gaussian_log_prob, start_noise
 
 NO_REFERENCE = "the linear-Gaussian chain has no reference policy (KL regularisation is checked on the tiny UNet)"
 
@@ -81,11 +83,21 @@ class LinearGaussianPolicy(torch.nn.Module):
         init = torch.Generator().manual_seed(seed)
         self.num_steps, self.dim = num_steps, dim
         self.decay = [decay] * num_steps
+        self.scales = [1.0] * num_steps  # c_i
         ratio = sigma_last / sigma_first
         self.sigmas = [sigma_first * ratio ** (i / max(num_steps - 1, 1)) for i in range(num_steps)]
         self.chain = LinearChain(self.sigmas)
         self.weight = torch.nn.Parameter(0.1 * torch.randn(dim, dim, generator=init, dtype=torch.float64))
         self.bias = torch.nn.Parameter(0.2 * torch.randn(num_steps, dim, generator=init, dtype=torch.float64))
+
+    @classmethod
+    def on_flow_chain(cls, chain: FlowChain, dim: int = 4, seed: int = 0) -> LinearGaussianPolicy:
+        """The flow SDE chain's transitions (every step stochastic) with a linear velocity field."""
+        policy = cls(dim=dim, num_steps=chain.num_steps, seed=seed)
+        policy.decay, policy.scales = chain.x_coef.tolist(), chain.v_coef.tolist()
+        policy.sigmas = chain.std(torch.arange(chain.num_steps)).tolist()
+        policy.chain = LinearChain(policy.sigmas)
+        return policy
 
     # -- the chain ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -100,12 +112,13 @@ class LinearGaussianPolicy(torch.nn.Module):
         else:
             with torch.no_grad():
                 f = self._net(i, x)
-        return self.decay[i] * x + f
+        return self.decay[i] * x + self.scales[i] * f
 
     def _means(self, steps: Tensor, x: Tensor) -> Tensor:
         """Each sample's mean at its own step, (B,) steps, x (B,d)."""
         decay = torch.tensor(self.decay, dtype=x.dtype)[steps][:, None]
-        return decay * x + x @ self.weight.T + self.bias[steps]
+        scale = torch.tensor(self.scales, dtype=x.dtype)[steps][:, None]
+        return decay * x + scale * (x @ self.weight.T + self.bias[steps])
 
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
                chain=None, kl: bool = False, shared_start: int = 1) -> Rollout:
@@ -173,8 +186,8 @@ class LinearGaussianPolicy(torch.nn.Module):
         eye = torch.eye(self.dim, dtype=torch.float64)
         m, s = torch.zeros(self.dim, dtype=torch.float64), eye
         for i in range(self.num_steps):
-            a = self.decay[i] * eye + self.weight
-            m = a @ m + self.bias[i]
+            a = self.decay[i] * eye + self.scales[i] * self.weight
+            m = a @ m + self.scales[i] * self.bias[i]
             s = a @ s @ a.T + self.sigmas[i] ** 2 * eye
         return m, s
 
@@ -188,11 +201,20 @@ class LinearGaussianPolicy(torch.nn.Module):
         return list(torch.autograd.grad(self.exact_objective(reward), self.trainable_parameters()))
 
 
+def quadratic_reward() -> QuadraticReward:
+    return QuadraticReward(target=torch.tensor([1.0, -0.5, 0.5, 0.0], dtype=torch.float64),
+                           weights=torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64))
+
+
 def default_problem(seed: int = 0) -> tuple[LinearGaussianPolicy, QuadraticReward]:
     """The reference problem of ESTIMATORS.md: d = 4, T = 12, sigma 0.6 -> 0.05, a fixed quadratic reward."""
-    policy = LinearGaussianPolicy(seed=seed)
-    reward = QuadraticReward(
-        target=torch.tensor([1.0, -0.5, 0.5, 0.0], dtype=torch.float64),
-        weights=torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64),
-    )
-    return policy, reward
+    return LinearGaussianPolicy(seed=seed), quadratic_reward()
+
+
+def flow_problem(seed: int = 0, num_steps: int = 10, eta: float = 0.7) -> tuple[LinearGaussianPolicy, QuadraticReward]:
+    """The flow reference problem: SD3.5's scheduler (shift 3) at T = 10, Flow-GRPO's noise level 0.7, a linear
+    velocity field, the same quadratic reward."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    chain = FlowChain(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), num_steps, eta)
+    return LinearGaussianPolicy.on_flow_chain(chain, seed=seed), quadratic_reward()

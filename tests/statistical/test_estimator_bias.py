@@ -12,7 +12,7 @@ import torch
 
 from rlr_cli.build import component
 from rlr_cli.estimators.checks import bias_statistics, draw_estimates, projected_bias
-from rlr_cli.estimators.linear_gaussian import default_problem
+from rlr_cli.estimators.linear_gaussian import default_problem, flow_problem
 
 PROMPTS = ["a", "b", "c", "d"] * 8  # B = 32, 8 samples per prompt (leave-one-out per prompt)
 
@@ -98,6 +98,33 @@ def test_biased_on_linear_gaussian(problem, name):
     estimates, _, _ = draw_estimates(BIASED[name](policy.num_steps), policy, reward, PROMPTS, 200, seed=7)
     stats = bias_statistics(estimates, exact)
     assert stats["rel_bias"] > 5 * stats["rel_bias_se"], stats
+
+
+# ---- the flow SDE chain -----------------------------------------------------------------------------
+# SD3.5's schedule (shift 3) at T = 10, Flow-GRPO's noise level 0.7 (std 0.70 ... 0.23, then 0.006 on the
+# last step, sigma 0.011 -> 0), a linear velocity field, the same quadratic reward.
+FLOW = ["full_bp", "rlr_h1", "rlr_h2", "ddpo_onpolicy"]
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.set_num_threads(1)
+    policy, reward = flow_problem()
+    exact = torch.cat([g.flatten() for g in policy.exact_gradient(reward)])
+    return policy, reward, exact
+
+
+def test_flow_closed_form_matches_monte_carlo(flow):
+    test_closed_form_matches_monte_carlo(flow)
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_unbiased_on_the_flow_chain(flow, name):
+    test_unbiased_on_linear_gaussian(flow, name)
+
+
+def test_truncated_bp_biased_on_the_flow_chain(flow):
+    test_biased_on_linear_gaussian(flow, "truncated_bp_k1")
 
 
 # ---- tiny UNet chain ---------------------------------------------------------------------------------
