@@ -8,7 +8,8 @@ Flow matching as an SDE (Flow-GRPO, yifan123/flow_grpo sd3_sde_with_logprob.py),
 transformers (SD3, FLUX): with sigma the step's noise level, dt = sigma_next - sigma < 0 and
 s = eta * sqrt(sigma / (1 - sigma)) (eta: Flow-GRPO's noise_level a),
 x_next = x (1 + s^2 / (2 sigma) dt) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt + s sqrt(-dt) z;
-eta = 0 is the scheduler's Euler step x + v dt.
+eta = 0 is the scheduler's Euler step x + v dt. DanceGRPO's SDE (XueZeyue/DanceGRPO train_grpo_flux.py
+flux_step, its score estimate written out) is the same step with a constant s = eta.
 
 Per-step coefficients are computed once in float64 and gathered per sample, so a batch whose samples
 sit at different transitions runs in one call, with the same numbers as one step at a time.
@@ -102,11 +103,14 @@ class FlowChain:
     guidance_scale: float | None = None  # the policy's own
 
     def __init__(self, scheduler, num_steps: int, eta: float, sde_window: tuple[int, int] | None = None,
-                 image_seq_len: int | None = None, linear_sigmas: bool = False):
+                 image_seq_len: int | None = None, linear_sigmas: bool = False, sde_type: str = "flow_grpo"):
         """image_seq_len: latent tokens, for the resolution-dependent shift of schedulers with dynamic shifting;
-        linear_sigmas: start from linspace(1, 1/T) as FluxPipeline does (SD3's pipeline lets the scheduler)."""
+        linear_sigmas: start from linspace(1, 1/T) as FluxPipeline does (SD3's pipeline lets the scheduler);
+        sde_type: flow_grpo (s = eta sqrt(sigma / (1 - sigma))) | dance_grpo (s = eta)."""
+        if sde_type not in ("flow_grpo", "dance_grpo"):
+            raise ValueError(f"sde_type {sde_type!r}: flow_grpo | dance_grpo")
         self.scheduler_config = scheduler.config
-        self.num_steps, self.eta, self.sde_window = num_steps, eta, sde_window
+        self.num_steps, self.eta, self.sde_window, self.sde_type = num_steps, eta, sde_window, sde_type
         self.image_seq_len, self.linear_sigmas = image_seq_len, linear_sigmas
         scheduler.set_timesteps(num_steps, **flow_schedule(scheduler.config, num_steps, image_seq_len, linear_sigmas))
         self.timesteps = scheduler.timesteps.clone().cpu()  # (T,) sigma * num_train_timesteps, descending
@@ -115,7 +119,7 @@ class FlowChain:
         sigma, dt = sigmas[:-1], sigmas[1:] - sigmas[:-1]
         # at sigma = 1 the SDE's std is infinite; Flow-GRPO divides by 1 - sigmas[1] there instead
         denominator = 1 - torch.where(sigma == 1, sigmas[1] if num_steps > 1 else 0.0, sigma)
-        s = eta * torch.sqrt(sigma / denominator)
+        s = eta * (torch.sqrt(sigma / denominator) if sde_type == "flow_grpo" else torch.ones_like(sigma))
         s[:start], s[stop:] = 0.0, 0.0
         self._sigma = sigma
         # mean = x_coef * x + v_coef * v per step (T,) float64: the closed-form check's linear chain reads them
@@ -130,7 +134,7 @@ class FlowChain:
         window = self.sde_window if num_steps in (None, self.num_steps) else None  # its indices are of T steps
         chain = FlowChain(FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
                           num_steps or self.num_steps, self.eta if eta is None else eta, window, self.image_seq_len,
-                          self.linear_sigmas)
+                          self.linear_sigmas, self.sde_type)
         chain.guidance_scale = guidance_scale
         return chain
 

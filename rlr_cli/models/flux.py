@@ -6,7 +6,7 @@ is an input of the transformer (dev); schnell has none.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -14,10 +14,10 @@ from torch import Tensor
 
 from rlr_cli.lora import LoraOptions
 from rlr_cli.models.loading import Conditioning, Dtype, PipelineLoraFormat, load_pipeline, vae_decode
-from rlr_cli.models.sd3 import window_of
+from rlr_cli.models.sd3 import flow_scheduler, window_of
 from rlr_cli.policy import DiffusionPolicy
 from rlr_cli.prompts import count_overlong
-from rlr_cli.ranges import Count, NonNegativeFloat, Positive
+from rlr_cli.ranges import Count, NonNegativeFloat, Positive, PositiveFloat
 from rlr_cli.sampling import FlowChain
 
 SAMPLER = "flow"  # the chain this family samples (RunFacts.sampler)
@@ -89,7 +89,9 @@ def policy(
     cache_dir: str | None,
     num_steps: Positive,
     eta: NonNegativeFloat,
+    sde_type: Literal["flow_grpo", "dance_grpo"],
     sde_window: list[Count] | None,
+    shift: PositiveFloat | None,
     guidance_scale: NonNegativeFloat,
     resolution: Annotated[int, Field(ge=16)] | None,
     max_sequence_length: Positive,
@@ -98,11 +100,11 @@ def policy(
     gradient_checkpointing: bool,
 ) -> DiffusionPolicy:
     """The `model` group of FLUX.1: load the pipeline, sample the flow SDE on FluxPipeline's shifted sigmas."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
 
     window = window_of(sde_window, num_steps)
     pipe = load_pipeline(FluxPipeline, path, hub_id, cache_dir, dtype)
     family = Flux(pipe, resolution, max_sequence_length)
-    chain = FlowChain(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), num_steps, eta, window,
-                      family.image_seq_len, linear_sigmas=True)
+    chain = FlowChain(flow_scheduler(pipe.scheduler.config, shift), num_steps, eta, window, family.image_seq_len,
+                      linear_sigmas=True, sde_type=sde_type)
     return DiffusionPolicy(family, chain, guidance_scale, lora, gradient_checkpointing)

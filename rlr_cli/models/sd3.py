@@ -5,7 +5,7 @@ optional T5), sampled on the flow chain as Flow-GRPO's SDE.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -16,7 +16,7 @@ from rlr_cli.lora import LoraOptions
 from rlr_cli.models.loading import Conditioning, Dtype, PipelineLoraFormat, guided, load_pipeline, vae_decode
 from rlr_cli.policy import DiffusionPolicy
 from rlr_cli.prompts import count_overlong
-from rlr_cli.ranges import Count, NonNegativeFloat, Positive
+from rlr_cli.ranges import Count, NonNegativeFloat, Positive, PositiveFloat
 from rlr_cli.sampling import FlowChain
 
 SAMPLER = "flow"  # the chain this family samples (RunFacts.sampler)
@@ -82,6 +82,15 @@ def window_of(window: list[int] | None, num_steps: int) -> tuple[int, int] | Non
     return window[0], window[1]
 
 
+def flow_scheduler(config: Any, shift: float | None) -> Any:
+    """The pipeline's FlowMatchEulerDiscreteScheduler; with model.shift, a static shift instead of its own
+    (DanceGRPO samples FLUX at shift 3 rather than FluxPipeline's resolution-dependent one)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    override = {} if shift is None else {"shift": shift, "use_dynamic_shifting": False}
+    return FlowMatchEulerDiscreteScheduler.from_config(config, **override)
+
+
 def policy(
     *,
     path: str | None,
@@ -89,7 +98,9 @@ def policy(
     cache_dir: str | None,
     num_steps: Positive,
     eta: NonNegativeFloat,
+    sde_type: Literal["flow_grpo", "dance_grpo"],
     sde_window: list[Count] | None,
+    shift: PositiveFloat | None,
     guidance_scale: NonNegativeFloat,
     negative_prompt: str,
     resolution: Annotated[int, Field(ge=16)] | None,
@@ -100,12 +111,12 @@ def policy(
     gradient_checkpointing: bool,
 ) -> DiffusionPolicy:
     """The `model` group of SD3 / SD3.5: load the pipeline (T5 only with text_encoder_3), sample the flow SDE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     window = window_of(sde_window, num_steps)
     without_t5 = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
     pipe = load_pipeline(StableDiffusion3Pipeline, path, hub_id, cache_dir, dtype, **without_t5)
     family = StableDiffusion3(pipe, resolution, negative_prompt, max_sequence_length)
-    chain = FlowChain(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), num_steps, eta, window,
-                      family.image_seq_len)
+    chain = FlowChain(flow_scheduler(pipe.scheduler.config, shift), num_steps, eta, window, family.image_seq_len,
+                      sde_type=sde_type)
     return DiffusionPolicy(family, chain, guidance_scale, lora, gradient_checkpointing)

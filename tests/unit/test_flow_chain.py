@@ -91,3 +91,22 @@ def test_resampled_keeps_what_is_not_given():
     assert same.num_steps == 10 and same.eta == 0.7 and same.sde_window == (0, 4) and same.guidance_scale == 2.0
     longer = chain.resampled(40, 0.0, None)
     assert longer.num_steps == 40 and longer.sde_window is None and float(longer.std(torch.arange(40)).max()) == 0.0
+
+
+def test_dance_grpo_sde_is_dancegrpos_flux_step():
+    """sde_type=dance_grpo on a static shift 3 (DanceGRPO's FLUX schedule: shift(linspace(1, 0, T + 1))) against
+    DanceGRPO's flux_step written out: mean = x + dsigma v - 0.5 eta^2 score dsigma, std = eta sqrt(-dsigma)."""
+    steps, eta = 16, 0.3
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    chain = FlowChain(scheduler, steps, eta, linear_sigmas=True, sde_type="dance_grpo")
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    sigmas = 3 * t / (1 + 2 * t)  # DanceGRPO's sd3_time_shift(3, t)
+    gen = torch.Generator().manual_seed(2)
+    for i in (0, 7, 15):
+        x, v = torch.randn((2, 4, 8, 8), generator=gen), torch.randn((2, 4, 8, 8), generator=gen)
+        sigma, dsigma = float(sigmas[i]), float(sigmas[i + 1] - sigmas[i])
+        x0 = x - sigma * v
+        score = -(x - x0 * (1 - sigma)) / sigma**2
+        expected = x + dsigma * v + (-0.5 * eta**2 * score) * dsigma
+        torch.testing.assert_close(chain.mean(as_steps(i, 2), x, v), expected, atol=1e-5, rtol=1e-5)
+        assert float(chain.std(as_steps(i, 1))[0]) == pytest.approx(eta * math.sqrt(-dsigma), rel=1e-6)
