@@ -56,7 +56,7 @@ def caption_index(labels: data.Labels) -> Tensor:
     return ((labels.shape * nc + labels.colour) * nb + labels.background) * nz + labels.size
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
@@ -92,7 +92,7 @@ def train_unet(unet: Any, vae: Any, table: Tensor, steps: int, minutes: float,
     bar = tqdm(total=steps, initial=step, desc="toy UNet", unit="step", mininterval=5)
 
     def save() -> None:
-        _save_checkpoint(checkpoint, dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+        save_checkpoint(checkpoint, dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                           warmup=warmup.state_dict(), step=step,
                                           elapsed=elapsed + time.time() - start))
 
