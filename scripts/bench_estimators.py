@@ -1,6 +1,7 @@
 """Seconds and peak memory of one training step of every estimator, as ratios to one no-grad sampling pass.
 
     python scripts/bench_estimators.py                          # tiny model, CPU, T = 50, batch 4
+    python scripts/bench_estimators.py --model tiny_sd3 --num-steps 10   # also tiny_flux, tiny_sdxl, toy, toy_flow
     python scripts/bench_estimators.py --device cuda            # + SD-1.5-shaped UNet (random weights), 512 px, batch 1 and 4
     python scripts/bench_estimators.py --out bench.md
 
@@ -61,13 +62,14 @@ def sd15_pipeline_folder(directory: str) -> str:
 
 
 def make_policy(model: str, device: str, num_steps: int, checkpointing: bool):
-    """model=tiny (or model=sd15 at the SD-1.5-shaped random folder) as rlr-train builds it, CFG 5, eta 1."""
-    options = [f"model.num_steps={num_steps}", "model.eta=1.0", "model.guidance_scale=5.0",
-               f"model.gradient_checkpointing={str(checkpointing).lower()}"]
-    if model == "tiny":
-        return component("model=tiny", *options).to(device)
+    """model=MODEL as rlr-train builds it (its own guidance and eta), or model=sd15 at the SD-1.5-shaped random
+    folder with CFG 5 and eta 1."""
+    options = [f"model.num_steps={num_steps}", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+    if model != "sd15":
+        return component(f"model={model}", *options).to(device)
     cache = os.environ.get("RLR_CACHE_DIR", os.path.expanduser("~/.cache/rlr-train"))
-    return component("model=sd15", f"model.path={sd15_pipeline_folder(cache)}", "model.dtype=bf16", *options).to(device)
+    return component("model=sd15", f"model.path={sd15_pipeline_folder(cache)}", "model.dtype=bf16", "model.eta=1.0",
+                     "model.guidance_scale=5.0", *options).to(device)
 
 
 class Meter:
@@ -167,8 +169,10 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
     cuda = device.startswith("cuda")
     memory = "peak MB: torch.cuda.max_memory_allocated" if cuda else (
         "peak MB: bytes saved for backward (saved-tensor hooks; checkpointed activations are not saved)")
+    chain = type(policy.chain).__name__
     lines = [
-        f"**{model}** on {device}, batch {batch}, T = {num_steps}, CFG 5.0, LoRA r=4, gradient checkpointing "
+        f"**{model}** on {device}, batch {batch}, {chain} T = {num_steps}, guidance {policy.guidance_scale}, "
+        f"LoRA r={policy.lora.rank if policy.lora else 'none'}, gradient checkpointing "
         f"{'on' if checkpointing else 'off'}; {memory}; step = estimator call + backward + AdamW",
         "",
         "| estimator | seconds | x sampling | peak MB | x sampling |",
@@ -185,6 +189,7 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="tiny", help="tiny | tiny_sdxl | tiny_sd3 | tiny_flux | toy | toy_flow")
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--steps", type=int, default=2, help="repeats timed per estimator (the fastest is reported)")
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
@@ -196,7 +201,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     only = [n for n in args.only.split(",") if n]
     checkpointing = args.checkpointing == "on"
-    tables = [bench("tiny", args.device, 4, args.num_steps, args.steps, checkpointing, only, args.kl_beta)]
+    tables = [bench(args.model, args.device, 4, args.num_steps, args.steps, checkpointing, only, args.kl_beta)]
     if args.device.startswith("cuda"):
         for batch in (1, 4):
             tables.append(bench("sd15", args.device, batch, args.num_steps, args.steps, checkpointing, only, args.kl_beta))

@@ -31,8 +31,12 @@ ESTIMATORS = {
 }
 
 
-@pytest.mark.parametrize("estimator", list(ESTIMATORS))
-@pytest.mark.parametrize("family", FAMILIES)
+VARIANTS = ("rlr_h2_param", "alignprop", "truncated_bp_per_step")  # modes of one estimator: one family is enough
+CASES = [(family, estimator) for family in FAMILIES for estimator in ESTIMATORS
+         if estimator not in VARIANTS or family == "tiny_sd3"]
+
+
+@pytest.mark.parametrize("family,estimator", CASES)
 def test_every_estimator_trains_on_every_family(family, estimator, tmp_path):
     run = build_run(f"model={family}", *TWO_STEPS, *ESTIMATORS[estimator])
     result = Trainer(run, tmp_path / "run").train()
