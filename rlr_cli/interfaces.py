@@ -77,6 +77,8 @@ class Rollout:
     prompts                      the B prompts
     kl        (B,)               with sample(kl=True): sum over the steps sampled with grad of
                                  KL(p_theta || p_ref) = ||mean_theta - mean_ref||^2 / (2 std^2), with grad
+    x0_predictions (B, T, C, H, W) the sampler's prediction of x_0 from each transition's input, detached
+                                 (it comes free with the model output; RLR's state baseline scores it)
     """
 
     latents: Tensor
@@ -86,6 +88,7 @@ class Rollout:
     cond: Any
     prompts: list[str]
     kl: Tensor | None = None  # (B,) sample(kl=True): the KL to the reference summed over the grad steps, with grad
+    x0_predictions: Tensor | None = None
 
     @property
     def num_steps(self) -> int:

@@ -104,13 +104,15 @@ class DiffusionPolicy:
         x = start_noise(shape, shared_start, generator).to(self.device)
         noises = torch.randn((chain.num_steps, *shape), generator=generator).to(self.device)
         with_grad = set(grad_steps)
-        latents, log_probs, kls = [x], [], []
+        latents, log_probs, kls, x0s = [x], [], [], []
         for i in range(chain.num_steps):
             steps = as_steps(i, len(prompts))
             with torch.set_grad_enabled(i in with_grad):
-                mean, std = self._step(chain, steps, x, cond)
+                out = self.model_output(chain, steps, x, cond, recompute=True)
+                mean, std = chain.mean(steps, x, out), chain.std(steps)
                 if kl and i in with_grad:
                     kls.append(self._kl(chain, steps, x, cond, mean, std, "sum"))
+            x0s.append(chain.predict_x0(steps, x.detach(), out.detach()))
             x = mean + column(std, mean) * noises[i]
             stochastic = bool((std > 0).all())
             log_probs.append(gaussian_log_prob(x, mean.detach(), std) if stochastic else x.new_zeros(len(prompts)))
@@ -118,7 +120,7 @@ class DiffusionPolicy:
         total_kl = (torch.stack(kls).sum(dim=0) if kls else x.new_zeros(len(prompts))) if kl else None
         return Rollout(latents=torch.stack(latents, dim=1), noises=noises.transpose(0, 1),
                        log_probs=torch.stack(log_probs, dim=1).detach(), chain=chain, cond=cond, prompts=list(prompts),
-                       kl=total_kl)
+                       kl=total_kl, x0_predictions=torch.stack(x0s, dim=1))
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
         mean, std = self._step(rollout.chain, as_steps(i, x.shape[0]), x, rollout.cond)

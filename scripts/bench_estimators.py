@@ -141,6 +141,9 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
     if kl_beta > 0:  # the KL term's cost: one more denoiser call (no grad) per regularised step
         variants += [(f"{name} + kl", name, (f"regularizer.kl_beta={kl_beta}",))
                      for name, _, _ in variants if name in KL_ESTIMATORS]
+    if any(name == "rlr" for name, _, _ in variants):  # the state baseline's cost: decoder + reward passes only
+        variants += [("rlr + state baseline", "rlr", ("estimator.baseline=state",)),
+                     ("rlr + state baseline every 3", "rlr", ("estimator.baseline=state", "estimator.baseline_every=3"))]
     for name, estimator_name, overrides in variants:
         try:
             estimator = load_estimator(estimator_name, model, num_steps, batch, *overrides)

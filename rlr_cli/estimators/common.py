@@ -148,6 +148,7 @@ def select(rollout: Rollout, idx: Tensor) -> Rollout:
         log_probs=rollout.log_probs[idx],
         cond=pick(rollout.cond),
         prompts=[rollout.prompts[k] for k in idx.tolist()],
+        x0_predictions=None if rollout.x0_predictions is None else rollout.x0_predictions[idx],
     )
 
 

@@ -127,8 +127,10 @@ class LinearGaussianPolicy(torch.nn.Module):
             raise NotImplementedError(NO_REFERENCE)
         with_grad, b = set(grad_steps), len(prompts)
         x = start_noise((b, self.dim), shared_start, generator, torch.float64)
-        latents, noises, log_probs = [x], [], []
+        latents, noises, log_probs, x0s = [x], [], [], []
         for i in range(self.num_steps):
+            with torch.no_grad():
+                x0s.append(self.predict_x0(None, i, x))  # the noise-free chain to the end: this chain's x0-hat
             z = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
             mean = self._mean(i, x, network_grad=i in with_grad)
             x = mean + self.sigmas[i] * z
@@ -142,6 +144,7 @@ class LinearGaussianPolicy(torch.nn.Module):
             chain=self.chain,
             cond=None,
             prompts=list(prompts),
+            x0_predictions=torch.stack(x0s, dim=1),
         )
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
@@ -159,7 +162,7 @@ class LinearGaussianPolicy(torch.nn.Module):
     def step_log_prob_kl(self, rollout: Rollout, steps: int | Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
         raise NotImplementedError(NO_REFERENCE)
 
-    def predict_x0(self, rollout: Rollout, i: int, x: Tensor) -> Tensor:
+    def predict_x0(self, rollout: Rollout | None, i: int, x: Tensor) -> Tensor:
         """The noise-free chain from the input of transition i to the end."""
         for k in range(i, self.num_steps):
             x = self._mean(k, x)

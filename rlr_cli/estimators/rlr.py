@@ -7,7 +7,11 @@ With K = fo_steps and a sub-chain of h transitions starting at a random transiti
   ZO  every other transition (set C): latent mode -(A * log p(latents[i+1] | latents[i])), param mode a
       two-point SPSA on the trainable parameters, perturbed only at the transitions of C
 Every transition is covered once, so for any j the sum is unbiased (the leave-one-out baselines keep it
-so); log-densities are SUMMED over latent dims. Every term goes to the trainer's backward as soon as it
+so); log-densities are SUMMED over latent dims. baseline=state: each likelihood-ratio term of transition i
+uses A_i = U - b(x_i), b(x_i) the utility of the sampler's own x_0 prediction from the transition's input
+(it depends only on the state before the step's noise, so the term stays unbiased), minus the leave-one-out
+mean of that residual over the prompt's other samples; b is scored every baseline_every-th transition and
+reused until the next (any earlier state is as good a baseline). Every term goes to the trainer's backward as soon as it
 is formed (FO, HO, then each ZO step), so memory does not grow with T. The rollout is sampled without
 grad and the FO transitions re-run with their stored noises (K extra UNet forwards), so that the param
 mode can perturb the weights in place before any graph holds them.
@@ -28,6 +32,7 @@ from rlr_cli.estimators.common import (
     advantages,
     detached,
     draw,
+    leave_one_out_mean,
     require_differentiable,
     require_no_kl,
     require_sde_everywhere,
@@ -102,14 +107,16 @@ class RLR:
         fo_weight: NonNegativeFloat,
         ho_weight: NonNegativeFloat,
         zo_weight: NonNegativeFloat,
-        baseline: Baseline,
+        baseline: Baseline | Literal["state"],
+        baseline_every: Annotated[int, Field(ge=1)],
         advantage_std: bool,
         target: float | None,
         reward_scale: PositiveFloat,
     ):
         self.h, self.fo_steps, self.zo = h, fo_steps, zo
         self.fo_weight, self.ho_weight, self.zo_weight = fo_weight, ho_weight, zo_weight
-        self.baseline: Baseline = baseline
+        self.baseline: Baseline | Literal["state"] = baseline
+        self.baseline_every = baseline_every
         self.advantage_std, self.target, self.reward_scale = advantage_std, target, reward_scale
 
     @staticmethod
@@ -159,16 +166,17 @@ class RLR:
         fo_loss = -self.fo_weight * u.mean()
         if k > 0:
             terms.add(fo_loss)
-        adv = advantages(u, prompts, self.baseline, self.advantage_std)
+        scored = [start + h - 1, *(steps if self.zo.mode == "latent" else [])]  # the transitions whose noise is scored
+        adv = self._advantages(policy, reward, rollout, u, scored)
 
         # 2. HO: h transitions with grad from a detached start, borrowed noise of the last one
-        ho_loss = -self.ho_weight * (adv * self._ho_log_density(policy, rollout, start)).mean()
+        ho_loss = -self.ho_weight * (adv[start + h - 1] * self._ho_log_density(policy, rollout, start)).mean()
         terms.add(ho_loss)
 
         # 3. ZO, latent mode: one likelihood-ratio term per transition of C (or of the subset)
         if steps and self.zo.mode == "latent":
             for i in steps:
-                terms.add(-self.zo_weight * weight * (adv * policy.step_log_prob(rollout, i, reduce="sum")).mean())
+                terms.add(-self.zo_weight * weight * (adv[i] * policy.step_log_prob(rollout, i, reduce="sum")).mean())
 
         metrics = reward_metrics(rewards) | {
             "fo_loss": float(fo_loss.detach()) if k > 0 else 0.0,
@@ -177,6 +185,23 @@ class RLR:
             "zo_steps": float(len(steps)),
         }
         return EstimatorOutput(loss=terms.total, rewards=rewards.detach(), metrics=metrics)
+
+    def _advantages(self, policy: Policy, reward: Reward, rollout: Rollout, u: Tensor,
+                    steps: list[int]) -> dict[int, Tensor]:
+        """Detached (B,) advantages of the likelihood-ratio term of each transition in steps."""
+        if self.baseline != "state":
+            a = advantages(u, rollout.prompts, self.baseline, self.advantage_std)
+            return dict.fromkeys(steps, a)
+        assert rollout.x0_predictions is not None, "the policy's rollouts carry no x0 predictions"
+        every, out = self.baseline_every, {}
+        for anchor in sorted({i - i % every for i in steps}):  # one decoder + reward pass per anchor, batch B
+            with torch.no_grad():
+                value = utility(score(policy, reward, rollout.x0_predictions[:, anchor], rollout.prompts),
+                                self.target, self.reward_scale)
+            residual = u.detach() - value
+            out[anchor] = residual - leave_one_out_mean(residual, rollout.prompts)
+        scale = u.detach().std() + 1e-8 if self.advantage_std and u.numel() > 1 else 1.0
+        return {i: out[i - i % every] / scale for i in steps}
 
     def _ho_log_density(self, policy: Policy, rollout: Rollout, start: int) -> Tensor:
         """log N(x_{start+h}; m_theta, sigma^2 I) summed over dims, m_theta through h transitions from x_start."""

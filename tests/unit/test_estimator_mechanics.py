@@ -285,3 +285,44 @@ def test_draft_lv_renoises_the_sample_n_times_and_runs_the_last_step_on_each(tin
     assert all(0.7 < z.std() < 1.3 and abs(z.mean()) < 0.3 for z in noises)  # 2 x 4 x 8 x 8 standard normals
     assert all((noises[i] - noises[j]).abs().max() > 0.1 for i in range(3) for j in range(i))
     assert out.metrics["draws"] == 3 and flat_gradient(policy.trainable_parameters()).norm() > 0
+
+
+def test_rlr_state_baseline_scores_the_samplers_own_x0_predictions(tiny_path):
+    """The rollout's x0 predictions are the policy's predict_x0 at each transition's input; the state baseline
+    adds no denoiser call, and one reward pass per scored anchor (every baseline_every-th transition)."""
+    policy = component(*TINY, "model.guidance_scale=1.0")
+    prompts = ["a", "b", "a", "b"]
+    with torch.no_grad():
+        rollout = policy.sample(prompts, generator=torch.Generator().manual_seed(0))
+        for i in range(policy.num_steps):
+            direct = policy.predict_x0(rollout, i, rollout.latents[:, i])
+            assert torch.allclose(rollout.x0_predictions[:, i], direct, atol=1e-5)
+
+    unet_calls, reward_calls = [], []
+    unet, forward = policy.family.unet, policy.family.unet.forward
+
+    def counted(*args, **kwargs):
+        unet_calls.append(1)
+        return forward(*args, **kwargs)
+
+    def saturation(images, prompts):
+        reward_calls.append(len(prompts))
+        return Saturation()(images, prompts)
+
+    saturation.differentiable = True  # type: ignore[attr-defined]
+    unet.forward = counted
+    try:
+        counts = {}
+        for baseline, every in (("leave_one_out_prompt", 1), ("state", 1), ("state", 2)):
+            unet_calls.clear()
+            reward_calls.clear()
+            rlr = component("estimator=rlr", "estimator.fo_steps=1", f"estimator.baseline={baseline}",
+                            f"estimator.baseline_every={every}")
+            estimate(rlr, policy, saturation, prompts, torch.Generator().manual_seed(0))
+            counts[baseline, every] = len(unet_calls), len(reward_calls)
+    finally:
+        unet.forward = forward
+    plain_unet, plain_reward = counts["leave_one_out_prompt", 1]
+    scored = policy.num_steps - 1  # every transition but the FO one carries a likelihood-ratio term
+    assert counts["state", 1] == (plain_unet, plain_reward + scored)
+    assert counts["state", 2] == (plain_unet, plain_reward + len({i - i % 2 for i in range(scored)}))
