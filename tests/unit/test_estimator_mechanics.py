@@ -305,11 +305,12 @@ def test_rlr_state_baseline_scores_the_samplers_own_x0_predictions(tiny_path):
         unet_calls.append(1)
         return forward(*args, **kwargs)
 
-    def saturation(images, prompts):
-        reward_calls.append(len(prompts))
-        return Saturation()(images, prompts)
+    class CountedSaturation(Saturation):
+        def __call__(self, images, prompts):
+            reward_calls.append(len(prompts))
+            return super().__call__(images, prompts)
 
-    saturation.differentiable = True  # type: ignore[attr-defined]
+    saturation = CountedSaturation()
     unet.forward = counted
     try:
         counts = {}
