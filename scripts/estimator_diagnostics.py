@@ -63,11 +63,14 @@ def estimators(batch: int, num_steps: int, forward_process: bool) -> dict:
     if forward_process:
         for n in (1, 2, 4):
             table[f"draft_lv_n{n}"] = lambda n=n: component("estimator=draft_lv", f"estimator.n={n}")
-    rlr_table = {"rlr_h1": (1, 1), "rlr_h2": (2, 1), "rlr_h4": (4, 1), "rlr_h2_param": (2, 1),
-                 "rlr_h1_k2": (1, 2), "rlr_h1_k4": (1, 4)}
-    for name, (h, k) in rlr_table.items():
+    state = ("estimator.baseline=state",)
+    rlr_table = {"rlr_h1": (1, 1, ()), "rlr_h2": (2, 1, ()), "rlr_h4": (4, 1, ()),
+                 "rlr_h2_param": (2, 1, ("estimator.zo.mode=param",)), "rlr_h1_k2": (1, 2, ()), "rlr_h1_k4": (1, 4, ()),
+                 "rlr_h1_state": (1, 1, state), "rlr_h1_state_every3": (1, 1, (*state, "estimator.baseline_every=3")),
+                 "rlr_h2_state": (2, 1, state), "rlr_h1_k3_state": (1, 3, state)}
+    for name, (h, k, extra) in rlr_table.items():
         if h + k <= num_steps:
-            table[name] = (lambda h=h, k=k, name=name: rlr(h, k, *(["estimator.zo.mode=param"] if "param" in name else [])))
+            table[name] = lambda h=h, k=k, extra=extra: rlr(h, k, *extra)
     return table
 
 
@@ -97,6 +100,12 @@ def markdown(rows: dict, header: str) -> str:
     cols = ["rel_bias", "rel_bias_se", "bias/se", "variance", "variance_se", "cosine", "seconds", "peak_mem_mb"]
     if any("rel_bias_v" in r for r in rows.values()):
         cols += ["rel_bias_v", "rel_bias_v_se"]
+    rows = {name: dict(r) for name, r in rows.items()}  # the ratio columns stay out of the caller's rows
+    for against in ("rlr_h1", "full_bp"):  # variance as a multiple of RLR as published's, and of full backprop's
+        if against in rows:
+            cols.append(f"var/{against}")
+            for r in rows.values():
+                r[f"var/{against}"] = r["variance"] / rows[against]["variance"]
     lines = [header, "", "| estimator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         r = r | {"bias/se": r["rel_bias"] / r["rel_bias_se"] if r["rel_bias_se"] > 0 else float("nan")}
