@@ -109,3 +109,18 @@ def test_every_number_has_a_range(option):
 def test_validation_rejects_a_wrong_type():
     with pytest.raises(UserError, match="trainer.batch_size: expected int"):
         validate(compose_config("trainer.batch_size=four"))
+
+
+GLOBAL_PRESETS = sorted((ROOT / "configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in GLOBAL_PRESETS if "regularizer:" in p.read_text()],
+                         ids=lambda p: f"{p.parent.name}={p.stem}")
+def test_a_presets_run_level_values_survive_composition(path):
+    """A recipe / setup / experiment that sets a run-level value of train.yaml (regularizer.kl_beta) wins over
+    train.yaml's default (train.yaml's own values come first in its defaults list)."""
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.load(path)
+    config = compose_config(f"{path.parent.name}={path.stem}")
+    assert config.regularizer.kl_beta == preset.regularizer.kl_beta > 0
