@@ -11,10 +11,10 @@ so); log-densities are SUMMED over latent dims. baseline=state: each likelihood-
 uses A_i = U - b(x_i), b(x_i) the utility of the sampler's own x_0 prediction from the transition's input
 (it depends only on the state before the step's noise, so the term stays unbiased), minus the leave-one-out
 mean of that residual over the prompt's other samples; b is scored every baseline_every-th transition and
-reused until the next (any earlier state is as good a baseline). Every term goes to the trainer's backward as soon as it
-is formed (FO, HO, then each ZO step), so memory does not grow with T. The rollout is sampled without
-grad and the FO transitions re-run with their stored noises (K extra UNet forwards), so that the param
-mode can perturb the weights in place before any graph holds them.
+reused until the next (an earlier state is as valid a baseline, if a less informed one). Every term goes to
+the trainer's backward as soon as it is formed (FO, HO, then each ZO step), so memory does not grow with T.
+The rollout is sampled without grad and the FO transitions re-run with their stored noises (K extra UNet
+forwards), so that the param mode can perturb the weights in place before any graph holds them.
 """
 from __future__ import annotations
 
