@@ -10,7 +10,7 @@ import torch
 
 from rewards.simple import Saturation
 from rlr_cli.build import component
-from rlr_cli.estimators.checks import estimate, flat_gradient
+from rlr_cli.estimators.checks import draw_estimates, estimate, flat_gradient
 from rlr_cli.estimators.common import leave_one_out_mean
 from rlr_cli.estimators.ddpo import PerPromptStatTracker
 from rlr_cli.estimators.linear_gaussian import default_problem
@@ -327,3 +327,16 @@ def test_rlr_state_baseline_scores_the_samplers_own_x0_predictions(tiny_path):
     scored = policy.num_steps - 1  # every transition but the FO one carries a likelihood-ratio term
     assert counts["state", 1] == (plain_unet, plain_reward + scored)
     assert counts["state", 2] == (plain_unet, plain_reward + len({i - i % 2 for i in range(scored)}))
+
+
+def test_rlr_memory_stays_flat_in_t_with_the_state_baseline(tiny_path):
+    """Bytes saved for backward by RLR with the state baseline are the same at T = 4 and T = 12 (the baseline is
+    scored without grad); full backprop's grow with T (the meter sees the chain)."""
+    def peak(num_steps: int, *estimator: str) -> float:
+        policy = component("model=tiny", f"model.num_steps={num_steps}", "model.eta=1.0", "model.resolution=16",
+                           "model.gradient_checkpointing=false", "model.guidance_scale=1.0")
+        return draw_estimates(component(*estimator), policy, Saturation(), ["a", "b"], 1, meter=True)[2]
+
+    rlr = ("estimator=rlr", "estimator.fo_steps=1", "estimator.baseline=state")
+    assert peak(12, *rlr) == pytest.approx(peak(4, *rlr), rel=0.01)
+    assert peak(12, "estimator=full_bp") > 2 * peak(4, "estimator=full_bp")
