@@ -77,8 +77,8 @@ class Rollout:
     prompts                      the B prompts
     kl        (B,)               with sample(kl=True): sum over the steps sampled with grad of
                                  KL(p_theta || p_ref) = ||mean_theta - mean_ref||^2 / (2 std^2), with grad
-    x0_predictions (B, T, C, H, W) the sampler's prediction of x_0 from each transition's input, detached
-                                 (it comes free with the model output; RLR's state baseline scores it)
+    x0_predictions (B, T, C, H, W) with sample(keep_x0=True): the sampler's prediction of x_0 from each
+                                 transition's input, detached (free with the model output; RLR's state baseline)
     """
 
     latents: Tensor
@@ -176,11 +176,12 @@ class Policy(Protocol):
 
     def sample(
         self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-        chain: Chain | None = None, kl: bool = False, shared_start: int = 1,
+        chain: Chain | None = None, kl: bool = False, shared_start: int = 1, keep_x0: bool = False,
     ) -> Rollout:
         """Sample B trajectories on `chain` (default: the policy's); `grad_steps` keep autograd history;
         `kl`: also the KL to the reference policy on the grad steps (Rollout.kl); `shared_start`: each run
-        of that many consecutive samples starts from one x_T (DanceGRPO's same noise for a group)."""
+        of that many consecutive samples starts from one x_T (DanceGRPO's same noise for a group); `keep_x0`: also
+        Rollout.x0_predictions (kept only on request: it is T latents per sample)."""
         ...
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:

@@ -95,7 +95,7 @@ class DiffusionPolicy:
 
     # ---- the Policy protocol ---------------------------------------------------------------------
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-               chain: Chain | None = None, kl: bool = False, shared_start: int = 1) -> Rollout:
+               chain: Chain | None = None, kl: bool = False, shared_start: int = 1, keep_x0: bool = False) -> Rollout:
         """Sample B trajectories; the noise is drawn on the CPU generator, so runs are device-independent."""
         chain = chain or self.chain
         cond = self.family.encode(prompts, negative=self._guidance(chain) != 1.0)
@@ -112,7 +112,8 @@ class DiffusionPolicy:
                 mean, std = chain.mean(steps, x, out), chain.std(steps)
                 if kl and i in with_grad:
                     kls.append(self._kl(chain, steps, x, cond, mean, std, "sum"))
-            x0s.append(chain.predict_x0(steps, x.detach(), out.detach()))
+            if keep_x0:
+                x0s.append(chain.predict_x0(steps, x.detach(), out.detach()))
             x = mean + column(std, mean) * noises[i]
             stochastic = bool((std > 0).all())
             log_probs.append(gaussian_log_prob(x, mean.detach(), std) if stochastic else x.new_zeros(len(prompts)))
@@ -120,7 +121,7 @@ class DiffusionPolicy:
         total_kl = (torch.stack(kls).sum(dim=0) if kls else x.new_zeros(len(prompts))) if kl else None
         return Rollout(latents=torch.stack(latents, dim=1), noises=noises.transpose(0, 1),
                        log_probs=torch.stack(log_probs, dim=1).detach(), chain=chain, cond=cond, prompts=list(prompts),
-                       kl=total_kl, x0_predictions=torch.stack(x0s, dim=1))
+                       kl=total_kl, x0_predictions=torch.stack(x0s, dim=1) if keep_x0 else None)
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
         mean, std = self._step(rollout.chain, as_steps(i, x.shape[0]), x, rollout.cond)

@@ -121,7 +121,7 @@ class LinearGaussianPolicy(torch.nn.Module):
         return decay * x + scale * (x @ self.weight.T + self.bias[steps])
 
     def sample(self, prompts: Sequence[str], *, generator: torch.Generator, grad_steps: Sequence[int] = (),
-               chain=None, kl: bool = False, shared_start: int = 1) -> Rollout:
+               chain=None, kl: bool = False, shared_start: int = 1, keep_x0: bool = False) -> Rollout:
         """B = len(prompts) trajectories; steps outside grad_steps detach f_i but keep d/dx of a_i x."""
         if kl:
             raise NotImplementedError(NO_REFERENCE)
@@ -129,8 +129,9 @@ class LinearGaussianPolicy(torch.nn.Module):
         x = start_noise((b, self.dim), shared_start, generator, torch.float64)
         latents, noises, log_probs, x0s = [x], [], [], []
         for i in range(self.num_steps):
-            with torch.no_grad():
-                x0s.append(self.predict_x0(None, i, x))  # the noise-free chain to the end: this chain's x0-hat
+            if keep_x0:
+                with torch.no_grad():
+                    x0s.append(self.predict_x0(None, i, x))  # the noise-free chain to the end: this chain's x0-hat
             z = torch.randn(b, self.dim, generator=generator, dtype=torch.float64)
             mean = self._mean(i, x, network_grad=i in with_grad)
             x = mean + self.sigmas[i] * z
@@ -144,7 +145,7 @@ class LinearGaussianPolicy(torch.nn.Module):
             chain=self.chain,
             cond=None,
             prompts=list(prompts),
-            x0_predictions=torch.stack(x0s, dim=1),
+            x0_predictions=torch.stack(x0s, dim=1) if keep_x0 else None,
         )
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:

@@ -149,7 +149,8 @@ class RLR:
         others = [i for i in range(t - k) if not start <= i < start + h]  # C: the ZO transitions
         steps, weight = self._zo_steps(generator, others)
         with torch.no_grad():
-            rollout = detached(policy.sample(prompts, generator=generator, grad_steps=()))
+            rollout = detached(policy.sample(prompts, generator=generator, grad_steps=(),
+                                             keep_x0=self.baseline == "state"))
         terms = LossTerms(backward)
         if steps and self.zo.mode == "param":  # first: it perturbs the weights in place, no graph may hold them
             g = spsa_gradient(policy, reward, rollout, steps, self.zo.sigma, generator, self.target, self.reward_scale)

@@ -293,7 +293,8 @@ def test_rlr_state_baseline_scores_the_samplers_own_x0_predictions(tiny_path):
     policy = component(*TINY, "model.guidance_scale=1.0")
     prompts = ["a", "b", "a", "b"]
     with torch.no_grad():
-        rollout = policy.sample(prompts, generator=torch.Generator().manual_seed(0))
+        assert policy.sample(prompts, generator=torch.Generator().manual_seed(0)).x0_predictions is None
+        rollout = policy.sample(prompts, generator=torch.Generator().manual_seed(0), keep_x0=True)
         for i in range(policy.num_steps):
             direct = policy.predict_x0(rollout, i, rollout.latents[:, i])
             assert torch.allclose(rollout.x0_predictions[:, i], direct, atol=1e-5)
