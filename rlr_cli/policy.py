@@ -6,7 +6,9 @@ argument (ShortFT samples its shortcut chain with the same policy); a rollout re
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -17,7 +19,39 @@ from rlr_cli import lora
 from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Chain, Family, Rollout, Transition
 from rlr_cli.lora import LoraOptions
+from rlr_cli.prompts import StagedPrompt, stage_count
 from rlr_cli.sampling import as_steps, column, gaussian_log_prob, start_noise
+
+
+@dataclass(frozen=True)
+class StagedCond:
+    """DiffCoT's conditioning: one family conditioning per stage, and the stage of each transition."""
+
+    stages: tuple[Any, ...]
+    stage_of: tuple[int, ...]  # ints, not a tensor: estimators.common.select must not index it by sample
+
+    def at(self, steps: Tensor) -> Any:
+        """The conditioning of each sample's transition (B,): one stage's, or a row-wise merge of several."""
+        stage = torch.tensor(self.stage_of)[steps.cpu()]
+        if bool((stage == stage[0]).all()):
+            return self.stages[int(stage[0])]
+        return merge_rows(list(self.stages), stage, len(steps))
+
+
+def merge_rows(conds: list[Any], stage: Tensor, b: int) -> Any:
+    """One conditioning of the stages' common structure whose row k is conds[stage[k]]'s row k; tensors
+    without a batch dim (b) are the stages' shared ones."""
+    first = conds[0]
+    if torch.is_tensor(first):
+        if first.dim() == 0 or first.shape[0] != b:
+            return first
+        return torch.stack(conds)[stage.to(first.device), torch.arange(b, device=first.device)]
+    if isinstance(first, (list, tuple)):
+        return type(first)(merge_rows(list(parts), stage, b) for parts in zip(*conds))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: merge_rows([getattr(c, f.name) for c in conds], stage, b)
+                                             for f in dataclasses.fields(first) if f.init})
+    return first
 
 
 class DiffusionPolicy:
@@ -76,6 +110,8 @@ class DiffusionPolicy:
             raise ValueError(f"one denoiser call cannot mix adapter sets {sorted(frozen)}")
         adapters, guidance = frozen.pop(), self._guidance(chain)
         t = chain.timesteps[steps].to(self.device)
+        if isinstance(cond, StagedCond):
+            cond = cond.at(steps)
 
         def run(x: Tensor, t: Tensor) -> Tensor:
             self.adapters.activate(adapters)
@@ -98,7 +134,7 @@ class DiffusionPolicy:
                chain: Chain | None = None, kl: bool = False, shared_start: int = 1, keep_x0: bool = False) -> Rollout:
         """Sample B trajectories; the noise is drawn on the CPU generator, so runs are device-independent."""
         chain = chain or self.chain
-        cond = self.family.encode(prompts, negative=self._guidance(chain) != 1.0)
+        cond = self._encode(prompts, self._guidance(chain) != 1.0, chain.num_steps)
         shape = self.family.latent_shape(len(prompts))
         self.trajectories_sampled += len(prompts)
         x = start_noise(shape, shared_start, generator).to(self.device)
@@ -122,6 +158,15 @@ class DiffusionPolicy:
         return Rollout(latents=torch.stack(latents, dim=1), noises=noises.transpose(0, 1),
                        log_probs=torch.stack(log_probs, dim=1).detach(), chain=chain, cond=cond, prompts=list(prompts),
                        kl=total_kl, x0_predictions=torch.stack(x0s, dim=1) if keep_x0 else None)
+
+    def _encode(self, prompts: Sequence[str], negative: bool, num_steps: int) -> Any:
+        """The family's conditioning; with staged prompts (DiffCoT), one per stage over equal chain segments."""
+        stages = stage_count(prompts, "prompts")
+        if not stages:
+            return self.family.encode(prompts, negative=negative)
+        per_stage = [[p.stages[s] if isinstance(p, StagedPrompt) else p for p in prompts] for s in range(stages)]
+        return StagedCond(stages=tuple(self.family.encode(p, negative=negative) for p in per_stage),
+                          stage_of=tuple(i * stages // num_steps for i in range(num_steps)))
 
     def transition(self, rollout: Rollout, i: int, x: Tensor, noise: Tensor | None = None) -> Transition:
         mean, std = self._step(rollout.chain, as_steps(i, x.shape[0]), x, rollout.cond)

@@ -1,4 +1,9 @@
-"""Training and held-out prompts, from inline lists or text files (one prompt a line)."""
+"""Training and held-out prompts, from inline lists or text files (one prompt a line).
+
+A prompt may carry DiffCoT stage prompts [secondhand: the RLR paper's note]: `prompt || coarse || mid || fine`
+(any number of stages). The chain is cut into that many equal segments, each conditioned on its stage's
+prompt, coarse first; the reward, the metrics and every log see the first field alone.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,6 +37,39 @@ def overlong_warning(program: str, cut: int, total: int, limit: int, what: str) 
             f"to {limit}")
 
 
+STAGE_SEPARATOR = "||"
+
+
+class StagedPrompt(str):
+    """A prompt (the str itself: what rewards and logs read) with the prompts of the chain's stages."""
+
+    stages: tuple[str, ...]
+
+    def __new__(cls, prompt: str, stages: Sequence[str] = ()) -> StagedPrompt:
+        staged = super().__new__(cls, prompt)
+        staged.stages = tuple(stages)
+        return staged
+
+
+def parse_prompt(text: str, where: str) -> str:
+    """`prompt || stage || ...` -> a StagedPrompt; a line without the separator stays a plain str."""
+    if STAGE_SEPARATOR not in text:
+        return text
+    fields = [field.strip() for field in text.split(STAGE_SEPARATOR)]
+    if not all(fields) or len(fields) < 3:
+        raise UserError(f"{where}: {text!r} is not `prompt || stage prompt || stage prompt ...` (a prompt, then at "
+                        "least two non-empty stage prompts, coarse first)")
+    return StagedPrompt(fields[0], fields[1:])
+
+
+def stage_count(prompts: Sequence[str], where: str) -> int:
+    """The number of stages every staged prompt of the list has (0: none staged)."""
+    counts = {len(p.stages) for p in prompts if isinstance(p, StagedPrompt)}
+    if len(counts) > 1:
+        raise UserError(f"{where}: staged prompts with {sorted(counts)} stages; every prompt needs the same number")
+    return counts.pop() if counts else 0
+
+
 def read_prompts(path: str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -53,6 +91,9 @@ class PromptSource:
         if not self.train:
             raise UserError("no training prompts: set prompts.train=[...] or prompts.train_file=PATH")
         self.eval = list(eval) if eval else read_prompts(eval_file) if eval_file else self.train
+        self.train = [parse_prompt(p, "prompts.train") for p in self.train]
+        self.eval = [parse_prompt(p, "prompts.eval") for p in self.eval]
+        stage_count(self.train + self.eval, "prompts")
 
     def sample(self, n: int, generator: torch.Generator) -> list[str]:
         indices = torch.randint(len(self.train), (n,), generator=generator)

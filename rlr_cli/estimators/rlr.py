@@ -43,49 +43,75 @@ from rlr_cli.estimators.common import (
 )
 from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
 from rlr_cli.ranges import NonNegativeFloat, PositiveFloat
-from rlr_cli.sampling import gaussian_log_prob
+from rlr_cli.sampling import as_steps, gaussian_log_prob
 
 
 @dataclass(frozen=True)
 class ZerothOrder:
     """estimator.zo: the likelihood-ratio terms of the transitions neither FO nor HO covers."""
 
-    mode: Literal["latent", "param", "none"]
+    mode: Literal["latent", "param", "step_param", "none"]
     steps: Literal["all"] | Annotated[int, Field(ge=1)]
     sigma: Annotated[float, Field(gt=0)]
 
 
 def spsa_gradient(
-    policy: Policy, reward: Reward, rollout: Rollout, steps: Sequence[int], sigma: float,
+    policy: Policy, reward: Reward, rollout: Rollout, steps: Sequence[int], sigma: float, per_step: bool,
     generator: torch.Generator, target: float | None, reward_scale: float,
 ) -> list[Tensor]:
     """Two-point SPSA estimate of d E[U] / d theta through transitions `steps` only.
 
-    One Gaussian direction D per call; the chain is re-run twice from the rollout's input of the first
-    perturbed transition with the rollout's noises, theta +- sigma D at `steps` and theta elsewhere:
-    g = mean_b(U+ - U-) / (2 sigma) * D.
+    The chain is re-run twice from the rollout's input of the first perturbed transition with the
+    rollout's noises, theta +- s_i D_i at each i of `steps` and theta elsewhere, D_i Gaussian:
+      per_step False: one D and s_i = sigma shared by every step: g = mean_b(U+ - U-) / (2 sigma) * D
+      per_step True (the paper's ZO): an independent D_i per step and s_i = sigma * std_i, the step's own
+        noise level: g = mean_b(U+ - U-) / 2 * sum_i D_i / s_i
     Unbiased for the gradient of the Gaussian-smoothed objective.
     """
     params = policy.trainable_parameters()
-    direction = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
+    perturbed = sorted(steps)
+    scales = {i: sigma * float(rollout.chain.std(as_steps(i, 1))[0]) if per_step else sigma for i in perturbed}
+    if min(scales.values()) <= 0:
+        raise UserError("estimator.zo.mode=step_param needs noise at every ZO transition (std > 0); this chain "
+                        "has a deterministic one: use zo.mode=param or a larger fo_steps")
+
+    def fresh() -> list[Tensor]:
+        return [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
+
+    if per_step:  # one seed per step: each D_i is drawn again where it is used, never all held at once
+        seeds = {i: int(torch.randint(2**62, (1,), generator=generator)) for i in perturbed}
+
+        def direction(i: int) -> list[Tensor]:
+            local = torch.Generator().manual_seed(seeds[i])
+            return [torch.randn(p.shape, generator=local, dtype=torch.float32).to(p) for p in params]
+    else:
+        shared = fresh()
+
+        def direction(i: int) -> list[Tensor]:
+            return shared
     saved = [p.detach().clone() for p in params]
-    perturbed = set(steps)
 
     def run(sign: float) -> Tensor:
-        x = rollout.latents[:, min(perturbed)].detach()  # the chain up to the first perturbed step is the rollout's
+        x = rollout.latents[:, perturbed[0]].detach()  # the chain up to the first perturbed step is the rollout's
         with torch.no_grad():
-            for i in range(min(perturbed), policy.num_steps):
-                if i in perturbed:
-                    for p, d in zip(params, direction):
-                        p.add_(sign * sigma * d)
+            for i in range(perturbed[0], policy.num_steps):
+                if i in scales:
+                    for p, d in zip(params, direction(i)):
+                        p.add_(sign * scales[i] * d)
                 x = policy.transition(rollout, i, x).sample
-                if i in perturbed:
+                if i in scales:
                     for p, s in zip(params, saved):
                         p.copy_(s)
             return utility(score(policy, reward, x, rollout.prompts), target, reward_scale)
 
-    coefficient = (run(1.0) - run(-1.0)).mean() / (2 * sigma)
-    return [coefficient * d for d in direction]
+    half_difference = (run(1.0) - run(-1.0)).mean() / 2
+    if not per_step:
+        return [half_difference / sigma * d for d in shared]
+    gradient = [torch.zeros_like(p) for p in params]
+    for i in perturbed:
+        for g, d in zip(gradient, direction(i)):
+            g.add_(d, alpha=float(half_difference) / scales[i])
+    return gradient
 
 
 def gradient_term(params: Sequence[torch.nn.Parameter], gradient: Sequence[Tensor]) -> Tensor:
@@ -93,6 +119,9 @@ def gradient_term(params: Sequence[torch.nn.Parameter], gradient: Sequence[Tenso
     surrogate = sum((g.detach() * p).sum() for g, p in zip(gradient, params))
     assert isinstance(surrogate, Tensor)
     return surrogate - surrogate.detach()
+
+
+GRAD_NORM_DECAY = 0.9  # j=grad_norm's moving average per start: about the last ten visits of each start
 
 
 class RLR:
@@ -109,11 +138,15 @@ class RLR:
         zo_weight: NonNegativeFloat,
         baseline: Baseline | Literal["state"],
         baseline_every: Annotated[int, Field(ge=1)],
+        j: Literal["uniform", "grad_norm"],
+        ho_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None,
         advantage_std: bool,
         target: float | None,
         reward_scale: PositiveFloat,
     ):
         self.h, self.fo_steps, self.zo = h, fo_steps, zo
+        self.j, self.ho_range = j, ho_range
+        self.ho_grad_norms: dict[int, float] = {}  # j=grad_norm: a moving average of the HO term's grad norm per start
         self.fo_weight, self.ho_weight, self.zo_weight = fo_weight, ho_weight, zo_weight
         self.baseline: Baseline | Literal["state"] = baseline
         self.baseline_every = baseline_every
@@ -126,6 +159,11 @@ class RLR:
         if k + h > run.num_steps:
             raise UserError(f"estimator=rlr needs estimator.fo_steps + estimator.h <= model.num_steps, got "
                             f"{k} + {h} > {run.num_steps}")
+        if options["ho_range"] is not None:
+            a, b = options["ho_range"]
+            if not a <= b <= run.num_steps - k - h:
+                raise UserError(f"estimator.ho_range=[{a}, {b}] must satisfy a <= b <= model.num_steps - fo_steps - h "
+                                f"= {run.num_steps - k - h} (the HO sub-chain starts at a transition in [a, b])")
         if k > 0:
             require_differentiable(run, f"rlr with fo_steps={k}", "backpropagates through the reward (set "
                                    "estimator.fo_steps=0 for a non-differentiable one)")
@@ -145,15 +183,16 @@ class RLR:
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
         t, k, h = policy.num_steps, self.fo_steps, self.h
-        start = draw(generator, 0, t - k - h)  # HO covers transitions start .. start+h-1
+        start = self._draw_start(generator, t - k - h)  # HO covers transitions start .. start+h-1
         others = [i for i in range(t - k) if not start <= i < start + h]  # C: the ZO transitions
         steps, weight = self._zo_steps(generator, others)
         with torch.no_grad():
             rollout = detached(policy.sample(prompts, generator=generator, grad_steps=(),
                                              keep_x0=self.baseline == "state"))
         terms = LossTerms(backward)
-        if steps and self.zo.mode == "param":  # first: it perturbs the weights in place, no graph may hold them
-            g = spsa_gradient(policy, reward, rollout, steps, self.zo.sigma, generator, self.target, self.reward_scale)
+        if steps and self.zo.mode in ("param", "step_param"):  # first: it perturbs the weights in place
+            g = spsa_gradient(policy, reward, rollout, steps, self.zo.sigma, self.zo.mode == "step_param", generator,
+                              self.target, self.reward_scale)
             terms.add(gradient_term(policy.trainable_parameters(), [-self.zo_weight * weight * gi for gi in g]))
 
         # 1. FO: the last k transitions re-run with their own noises from a detached x_{T-k}, pathwise
@@ -172,7 +211,7 @@ class RLR:
 
         # 2. HO: h transitions with grad from a detached start, borrowed noise of the last one
         ho_loss = -self.ho_weight * (adv[start + h - 1] * self._ho_log_density(policy, rollout, start)).mean()
-        terms.add(ho_loss)
+        terms.add(self._measured(policy, ho_loss, start) if self.j == "grad_norm" else ho_loss)
 
         # 3. ZO, latent mode: one likelihood-ratio term per transition of C (or of the subset)
         if steps and self.zo.mode == "latent":
@@ -186,6 +225,36 @@ class RLR:
             "zo_steps": float(len(steps)),
         }
         return EstimatorOutput(loss=terms.total, rewards=rewards.detach(), metrics=metrics)
+
+    def _draw_start(self, generator: torch.Generator, last: int) -> int:
+        """The HO start j in [0, last], within ho_range: uniform, or a softmax of the HO term's past gradient
+        norms (j=grad_norm). Every j gives an unbiased sum, so any law over j does."""
+        low, high = self.ho_range if self.ho_range is not None else (0, last)
+        if self.j == "uniform":
+            return draw(generator, low, high)
+        seen = [self.ho_grad_norms[i] for i in range(low, high + 1) if i in self.ho_grad_norms]
+        if not seen:
+            return draw(generator, low, high)
+        # a start not measured yet counts as the largest seen, so each is tried; norms relative to their mean
+        norms = torch.tensor([self.ho_grad_norms.get(i, max(seen)) for i in range(low, high + 1)], dtype=torch.float64)
+        weights = torch.softmax(norms / norms.mean().clamp_min(1e-30), dim=0)
+        return low + int(torch.multinomial(weights, 1, generator=generator).item())
+
+    def _measured(self, policy: Policy, ho_loss: Tensor, start: int) -> Tensor:
+        """The HO term as its own gradient, whose norm updates the moving average of start j."""
+        params = policy.trainable_parameters()
+        grads = torch.autograd.grad(ho_loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        norm = float(torch.cat([g.double().flatten() for g in grads]).norm())
+        previous = self.ho_grad_norms.get(start)
+        self.ho_grad_norms[start] = norm if previous is None else GRAD_NORM_DECAY * previous + (1 - GRAD_NORM_DECAY) * norm
+        return gradient_term(params, grads)
+
+    def state_dict(self) -> dict:
+        return {"ho_grad_norms": {str(i): v for i, v in self.ho_grad_norms.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ho_grad_norms = {int(i): float(v) for i, v in state.get("ho_grad_norms", {}).items()}
 
     def _advantages(self, policy: Policy, reward: Reward, rollout: Rollout, u: Tensor,
                     steps: list[int]) -> dict[int, Tensor]:

@@ -140,3 +140,14 @@ def eval_batch(n: int, seed: int = 0) -> tuple[Tensor, Labels, list[str]]:
 def eval_prompts(n: Positive, seed: int = 0) -> list[str]:
     """n held-out evaluation prompts (captions of held-out seeds; same as eval_batch(n, seed) captions)."""
     return captions(sample_labels(n, EVAL_SEED_BASE + seed))
+
+
+def diffcot(prompts: list[str]) -> list[str]:
+    """Toy captions with DiffCoT stage prompts (rlr_cli.prompts' `prompt || coarse || mid || fine`): the
+    background first (what the noisiest steps settle), then the sized, coloured shape, then the whole caption."""
+    staged = []
+    for text in prompts:
+        c = parse_caption(text)
+        background, shape = BACKGROUNDS[c["background"]], f"a {SIZES[c['size']]} {COLOURS[c['colour']]} {SHAPES[c['shape']]}"
+        staged.append(f"{text} || on a {background} background || {shape} || {text}")
+    return staged

@@ -2,6 +2,7 @@
 batches, rlr_official's two phases, ReFL's stop step, and DDPO's one denoiser call per timestep slot."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from rewards.simple import Saturation
 from rlr_cli.build import component
+from rlr_cli.errors import UserError
 from rlr_cli.estimators.checks import draw_estimates, estimate, flat_gradient
 from rlr_cli.estimators.common import leave_one_out_mean
 from rlr_cli.estimators.ddpo import PerPromptStatTracker
@@ -341,3 +343,90 @@ def test_rlr_memory_stays_flat_in_t_with_the_state_baseline(tiny_path):
     rlr = ("estimator=rlr", "estimator.fo_steps=1", "estimator.baseline=state")
     assert peak(12, *rlr) == pytest.approx(peak(4, *rlr), rel=0.01)
     assert peak(12, "estimator=full_bp") > 2 * peak(4, "estimator=full_bp")
+
+
+def test_rlr_ho_range_and_grad_norm_j_draw_starts_inside_the_range_and_learn_their_law(problem):
+    """ho_range keeps every HO start in [a, b]; j=grad_norm measures the HO term's gradient norm per start
+    (its moving average survives a checkpoint as JSON) and still hands the HO gradient to backward."""
+    policy, reward = problem
+    rlr = component("estimator=rlr", "estimator.fo_steps=1", "estimator.ho_range=[2,4]", "estimator.j=grad_norm")
+    generator = torch.Generator().manual_seed(0)
+    starts = {int(estimate(rlr, policy, reward, PROMPTS, generator).metrics["ho_start"]) for _ in range(40)}
+    assert starts == {2, 3, 4} and set(rlr.ho_grad_norms) == starts
+    assert all(norm > 0 for norm in rlr.ho_grad_norms.values())
+    restored = component("estimator=rlr", "estimator.j=grad_norm")
+    restored.load_state_dict(json.loads(json.dumps(rlr.state_dict())))
+    assert restored.ho_grad_norms == rlr.ho_grad_norms
+
+    # the measured HO term's gradient is the plain HO term's: the same estimate for the same draws
+    plain = component("estimator=rlr", "estimator.fo_steps=1", "estimator.ho_range=[3,3]")
+    measured = component("estimator=rlr", "estimator.fo_steps=1", "estimator.ho_range=[3,3]", "estimator.j=grad_norm")
+    gradients = []
+    for estimator in (plain, measured):
+        policy.zero_grad()
+        estimate(estimator, policy, reward, PROMPTS, torch.Generator().manual_seed(1))
+        gradients.append(flat_gradient(policy.trainable_parameters()))
+    assert torch.allclose(*gradients, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["[5,3]", "[0,11]"])
+def test_rlr_ho_range_outside_the_chain_is_one_clear_error(bad):
+    with pytest.raises(UserError, match=r"estimator.ho_range=.*a <= b <= model.num_steps - fo_steps - h = 10"):
+        component("estimator=rlr", "model=toy", "model.num_steps=12", "estimator.fo_steps=1", "estimator.h=1",
+                  f"estimator.ho_range={bad}")
+
+
+def test_rlr_step_param_zo_perturbs_each_step_by_its_own_noise_level(problem):
+    """zo.mode=step_param: theta + sigma * std_i * D_i at ZO step i, D_i independent; with one ZO step it is the
+    shared-direction SPSA of scale sigma * std_i, so both give the same gradient from the same direction."""
+    from rlr_cli.estimators.rlr import spsa_gradient
+
+    policy, reward = problem
+    with torch.no_grad():
+        rollout = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    step, sigma = 5, 1e-3
+    std = float(rollout.chain.std(torch.tensor([step]))[0])
+    per_step = spsa_gradient(policy, reward, rollout, [step], sigma, True, torch.Generator().manual_seed(3), None, 1.0)
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(3)))
+    shared_generator = torch.Generator().manual_seed(seed)  # step_param draws D_i from this seed
+    shared = spsa_gradient(policy, reward, rollout, [step], sigma * std, False, shared_generator, None, 1.0)
+    for a, b in zip(per_step, shared):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_staged_prompts_condition_each_stage_and_rewards_see_the_prompt(tiny_path):
+    """DiffCoT: `prompt || coarse || fine` conditions the first half of the chain on coarse and the second on
+    fine; the rollout's prompts (what the reward reads) are the first field; a call mixing stages merges rows."""
+    from rlr_cli.prompts import PromptSource
+
+    policy = component("model=tiny", "model.num_steps=4", "model.eta=1.0", "model.resolution=16",
+                       "model.gradient_checkpointing=false", "model.guidance_scale=1.0")
+    source = PromptSource(train=["a red circle || a blue square || a green cross", "plain"], train_file=None,
+                          eval=None, eval_file=None)
+    staged, plain = source.train
+    assert staged == "a red circle" and staged.stages == ("a blue square", "a green cross") and plain == "plain"
+
+    def rollout(prompts):
+        with torch.no_grad():
+            return policy.sample(prompts, generator=torch.Generator().manual_seed(0))
+
+    same = rollout([PromptSource(train=["p || q || q"], train_file=None, eval=None, eval_file=None).train[0]])
+    assert torch.allclose(same.latents, rollout(["q"]).latents)  # every stage "q": the chain of prompt "q"
+    mixed = rollout([staged, staged])
+    coarse, fine = rollout(["a blue square"] * 2), rollout(["a green cross"] * 2)
+    assert mixed.prompts == ["a red circle"] * 2
+    assert torch.allclose(mixed.latents[:, :3], coarse.latents[:, :3])  # transitions 0, 1: the coarse prompt's
+    assert not torch.allclose(mixed.latents[:, 3], coarse.latents[:, 3])
+    with torch.no_grad():  # sample 0 at transition 0 (coarse), sample 1 at transition 3 (fine): one merged call
+        merged = policy.step_log_prob(mixed, torch.tensor([0, 3]))
+        fine_on_mixed = policy.step_log_prob(dataclasses.replace(mixed, cond=fine.cond), torch.tensor([3, 3]))
+        coarse_on_mixed = policy.step_log_prob(dataclasses.replace(mixed, cond=coarse.cond), torch.tensor([0, 0]))
+    assert torch.allclose(merged, torch.stack([coarse_on_mixed[0], fine_on_mixed[1]]))
+
+
+@pytest.mark.parametrize("bad", ["a || b", "a || || c", " || b || c"])
+def test_a_malformed_staged_prompt_is_one_clear_error(bad):
+    from rlr_cli.prompts import PromptSource
+
+    with pytest.raises(UserError, match="is not `prompt || stage prompt"):
+        PromptSource(train=[bad], train_file=None, eval=None, eval_file=None)
