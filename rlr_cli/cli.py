@@ -92,7 +92,7 @@ def run_job(cfg) -> None:
     from rlr_cli.config import to_plain
     from rlr_cli.launch import inside_group, launch_group
     from rlr_cli.run_folder import RunFolder
-    from rlr_cli.trainer import Trainer
+    from rlr_cli.trainer import Trainer, plan_only
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
@@ -104,6 +104,8 @@ def run_job(cfg) -> None:
         if resumed is not None:
             check_resume_config(resumed, plain)
             RunFolder(resumed.parent.parent).claim()
+        if trainer["plan"]:
+            return plan_only(build(plain))
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if trainer["num_processes"] * trainer["num_machines"] > 1 and not inside_group():
             status = launch_group(plain, run_dir)

@@ -270,7 +270,7 @@ def run_facts(plain: dict) -> RunFacts:
         sampler=model_sampler(model, trusted_modules(plain)), sde_window=model.get("sde_window") is not None,
         reward_differentiable=reward_is_differentiable(plain["reward"], trusted_modules(plain)),
         lora=model.get("lora") is not None, batch_size=int(trainer["batch_size"]), grad_accum=int(trainer["grad_accum"]),
-        kl_beta=float(kl_beta(plain)),
+        kl_beta=float(kl_beta(plain)), memory_budget_gb=trainer.get("memory_budget_gb"),
     )
 
 

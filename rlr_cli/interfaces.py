@@ -287,6 +287,7 @@ class RunFacts:
     batch_size: int  # trainer.batch_size
     grad_accum: int  # trainer.grad_accum
     kl_beta: float  # regularizer.kl_beta
+    memory_budget_gb: float | None = None  # trainer.memory_budget_gb
 
 
 @dataclass
@@ -328,6 +329,24 @@ class BufferedEstimator(Protocol):
                 generator: torch.Generator) -> list[Any]: ...
 
     def update(self, policy: Policy, reward: Reward, update: Any, backward: Backward) -> EstimatorOutput: ...
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The graph of one loss term: `calls` differentiated denoiser calls, through the decoder + reward or not;
+    chained: the calls run as a chain (transition), else one call on its own (step_log_prob)."""
+
+    what: str  # the term, as the plan prints it
+    calls: int
+    reward: bool
+    chained: bool = True
+
+
+@runtime_checkable
+class Planned(Protocol):
+    """An estimator the memory planner (rlr_cli/plan.py) knows: the graphs its loss terms hold, one at a time."""
+
+    def graphs(self, num_steps: int) -> list[Graph]: ...
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ from rlr_cli.ema import EMA, EMAOptions
 from rlr_cli.errors import Interrupted, UserError
 from rlr_cli.interfaces import Backward, BufferedEstimator, EstimatorOutput
 from rlr_cli.prompts import overlong_warning
-from rlr_cli.ranges import Count, NonNegativeFloat, Positive
+from rlr_cli.ranges import Count, NonNegativeFloat, Positive, PositiveFloat
 from rlr_cli.report import write_report
 from rlr_cli.run_folder import RunFolder, write_json
 
@@ -73,6 +73,8 @@ class TrainerConfig:
     main_process_ip: str | None
     main_process_port: Annotated[int, Field(ge=1, le=65535)] | None
     accelerate_config: str | None
+    plan: bool
+    memory_budget_gb: PositiveFloat | None
 
 
 EMA_FILE = "ema.safetensors"  # in a checkpoint folder, when trainer.ema is on
@@ -87,6 +89,8 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.policy = run.policy.to(self.accelerator.device)
+        if getattr(run.estimator, "h", None) == "auto":
+            self._say(memory_plan(run, self.policy, full=False))
         self.params = self.policy.trainable_parameters()
         optimizer, self.scheduler = run.optimizer.build(self.params, self.cfg.max_steps)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)  # steps through the fp16 loss scaler
@@ -404,6 +408,25 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.say("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, losing the step)")
+
+
+def memory_plan(run: Run, policy, full: bool) -> str:
+    """The memory planner on the run's own batch size (rlr_cli/plan.py); resolves estimator.h=auto."""
+    from rlr_cli.plan import plan
+
+    cfg = run.trainer
+    prompts = run.prompts.sample(cfg.batch_size, torch.Generator().manual_seed(run.seed))
+    return plan(policy, run.reward, prompts, run.estimator, ema=cfg.ema.decay is not None and not cfg.ema.on_cpu,
+                budget_gb=cfg.memory_budget_gb, full=full)
+
+
+def plan_only(run: Run) -> dict:
+    """trainer.plan=true: print the plan and stop before training."""
+    from accelerate import Accelerator
+
+    policy = run.policy.to(Accelerator(cpu=run.trainer.cpu).device)
+    print(memory_plan(run, policy, full=True), flush=True)
+    return {"run_dir": "(none: trainer.plan=true trains nothing)"}
 
 
 def peak_memory_mb() -> float:

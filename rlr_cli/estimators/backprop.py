@@ -22,7 +22,7 @@ from rlr_cli.estimators.common import (
     score,
     utility,
 )
-from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+from rlr_cli.interfaces import Backward, EstimatorOutput, Graph, Policy, Reward, Rollout, RunFacts
 from rlr_cli.ranges import NonNegativeFloat, Positive, PositiveFloat
 from rlr_cli.sampling import as_steps
 
@@ -53,6 +53,9 @@ class FullBackprop:
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "full_bp")
         require_kl_chain(run, "full_bp")
+
+    def graphs(self, num_steps: int) -> list[Graph]:
+        return [Graph("the chain", num_steps, reward=True)]
 
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
@@ -90,6 +93,11 @@ class TruncatedBackprop:
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "truncated_bp")
         require_kl_chain(run, "truncated_bp")
+
+    def graphs(self, num_steps: int) -> list[Graph]:
+        """The longest truncation this mode can draw."""
+        k = self.k if self.mode == "fixed" else num_steps if self.distribution == "gaussian" else self.k_max
+        return [Graph("the last K", min(k, num_steps), reward=True)]
 
     def _draw_k(self, generator: torch.Generator, num_steps: int) -> int:
         """uniform: K in [k_min, k_max], at most T. gaussian: AlignProp's rule (sd_pipeline.py): the stop step
@@ -137,6 +145,9 @@ class DraftLV:
         require_differentiable(run, "draft_lv")
         require_no_kl(run, "draft_lv")
 
+    def graphs(self, num_steps: int) -> list[Graph]:
+        return [Graph("one late step", 1, reward=True)]
+
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
         with torch.no_grad():
@@ -175,6 +186,9 @@ class ReFL:
     def check(options: dict, run: RunFacts) -> None:
         require_differentiable(run, "refl")
         require_no_kl(run, "refl")
+
+    def graphs(self, num_steps: int) -> list[Graph]:
+        return [Graph("one late step", 1, reward=True)]
 
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:

@@ -41,7 +41,7 @@ from rlr_cli.estimators.common import (
     score,
     utility,
 )
-from rlr_cli.interfaces import Backward, EstimatorOutput, Policy, Reward, Rollout, RunFacts
+from rlr_cli.interfaces import Backward, EstimatorOutput, Graph, Policy, Reward, Rollout, RunFacts
 from rlr_cli.ranges import NonNegativeFloat, PositiveFloat
 from rlr_cli.sampling import as_steps, gaussian_log_prob
 
@@ -130,7 +130,7 @@ class RLR:
     def __init__(
         self,
         *,
-        h: Annotated[int, Field(ge=1)],
+        h: Annotated[int, Field(ge=1)] | Literal["auto"],
         fo_steps: Annotated[int, Field(ge=0)],
         zo: ZerothOrder,
         fo_weight: NonNegativeFloat,
@@ -144,7 +144,8 @@ class RLR:
         target: float | None,
         reward_scale: PositiveFloat,
     ):
-        self.h, self.fo_steps, self.zo = h, fo_steps, zo
+        self.h: int | Literal["auto"] = h  # "auto": the trainer sets it from the memory plan before the first step
+        self.fo_steps, self.zo = fo_steps, zo
         self.j, self.ho_range = j, ho_range
         self.ho_grad_norms: dict[int, float] = {}  # j=grad_norm: a moving average of the HO term's grad norm per start
         self.fo_weight, self.ho_weight, self.zo_weight = fo_weight, ho_weight, zo_weight
@@ -156,6 +157,10 @@ class RLR:
     def check(options: dict, run: RunFacts) -> None:
         k, h = options["fo_steps"], options["h"]
         require_no_kl(run, "rlr")
+        if h == "auto":
+            if run.memory_budget_gb is None:
+                raise UserError("estimator.h=auto picks h from a memory budget: set trainer.memory_budget_gb=GB")
+            h = 1  # the smallest; the plan checks the rest
         if k + h > run.num_steps:
             raise UserError(f"estimator=rlr needs estimator.fo_steps + estimator.h <= model.num_steps, got "
                             f"{k} + {h} > {run.num_steps}")
@@ -170,6 +175,16 @@ class RLR:
         require_stochastic(run, "rlr")
         require_sde_everywhere(run, "rlr")
 
+    def graphs(self, num_steps: int) -> list[Graph]:
+        """The graphs of the loss terms, each freed by its backward: FO (through the reward), HO, one ZO step."""
+        assert self.h != "auto", "plan.auto_h sets h first"
+        out = [Graph("HO", self.h, reward=False, chained=self.h > 1)]
+        if self.fo_steps:
+            out.append(Graph("FO", self.fo_steps, reward=True))
+        if self.zo.mode == "latent":
+            out.append(Graph("ZO, each step", 1, reward=False, chained=False))
+        return out
+
     def _zo_steps(self, generator: torch.Generator, others: list[int]) -> tuple[list[int], float]:
         """The ZO transitions used this call and their weight |C| / m."""
         if self.zo.mode == "none" or not others:
@@ -183,6 +198,7 @@ class RLR:
     def __call__(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
                  backward: Backward) -> EstimatorOutput:
         t, k, h = policy.num_steps, self.fo_steps, self.h
+        assert h != "auto", "the trainer resolves estimator.h=auto before the first step"
         start = self._draw_start(generator, t - k - h)  # HO covers transitions start .. start+h-1
         others = [i for i in range(t - k) if not start <= i < start + h]  # C: the ZO transitions
         steps, weight = self._zo_steps(generator, others)
@@ -210,7 +226,7 @@ class RLR:
         adv = self._advantages(policy, reward, rollout, u, scored)
 
         # 2. HO: h transitions with grad from a detached start, borrowed noise of the last one
-        ho_loss = -self.ho_weight * (adv[start + h - 1] * self._ho_log_density(policy, rollout, start)).mean()
+        ho_loss = -self.ho_weight * (adv[start + h - 1] * self._ho_log_density(policy, rollout, start, h)).mean()
         terms.add(self._measured(policy, ho_loss, start) if self.j == "grad_norm" else ho_loss)
 
         # 3. ZO, latent mode: one likelihood-ratio term per transition of C (or of the subset)
@@ -273,15 +289,16 @@ class RLR:
         scale = u.detach().std() + 1e-8 if self.advantage_std and u.numel() > 1 else 1.0
         return {i: out[i - i % every] / scale for i in steps}
 
-    def _ho_log_density(self, policy: Policy, rollout: Rollout, start: int) -> Tensor:
+    @staticmethod
+    def _ho_log_density(policy: Policy, rollout: Rollout, start: int, h: int) -> Tensor:
         """log N(x_{start+h}; m_theta, sigma^2 I) summed over dims, m_theta through h transitions from x_start."""
-        if self.h == 1:  # one denoiser call
+        if h == 1:  # one denoiser call
             return policy.step_log_prob(rollout, start, reduce="sum")
         x = rollout.latents[:, start]
-        for i in range(start, start + self.h - 1):
+        for i in range(start, start + h - 1):
             x = policy.transition(rollout, i, x).sample
-        last = policy.transition(rollout, start + self.h - 1, x)
-        return gaussian_log_prob(rollout.latents[:, start + self.h], last.mean, last.std, reduce="sum")
+        last = policy.transition(rollout, start + h - 1, x)
+        return gaussian_log_prob(rollout.latents[:, start + h], last.mean, last.std, reduce="sum")
 
 
 @dataclass(frozen=True)

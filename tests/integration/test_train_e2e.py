@@ -156,3 +156,17 @@ def test_rlr_eval_scores_the_final_adapter_with_several_rewards(short_run, tmp_p
     assert set(summary["metrics"]) == {"jpeg_compressibility"}
     assert len(summary["metrics"]["jpeg_compressibility"]["scores"]) == 3
     assert (out / "grid.png").stat().st_size > 1000
+
+
+def test_plan_prints_the_estimate_and_trains_nothing_and_h_auto_trains_with_the_h_it_chose(tmp_path):
+    plan = rlr_train("experiment=toy_aesthetic_rlr", "trainer.plan=true", "trainer.memory_budget_gb=4",
+                     run_dir=tmp_path / "plan")
+    assert "graph HO: 1 call on its own" in plan.stdout and "graph FO: 1 chained call + decoder + reward" in plan.stdout
+    assert "estimated peak:" in plan.stdout and "trainer.memory_budget_gb=4: fits" in plan.stdout
+    assert not (tmp_path / "plan").exists()  # nothing trained, no run folder
+
+    auto = rlr_train("experiment=toy_aesthetic_rlr", "estimator.h=auto", "trainer.memory_budget_gb=4", "logger=none",
+                     "trainer.max_steps=1", "trainer.eval_every=0", "trainer.checkpoint_every=0", run_dir=tmp_path / "auto")
+    line = next(x for x in auto.stdout.splitlines() if "estimator.h=auto" in x)
+    assert "h=19, the largest that fits" in line and "h=19 is the longest sub-chain fo_steps=1 leaves" in line
+    assert json.loads((tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1

@@ -397,14 +397,15 @@ def test_rlr_step_param_zo_perturbs_each_step_by_its_own_noise_level(problem):
 def test_staged_prompts_condition_each_stage_and_rewards_see_the_prompt(tiny_path):
     """DiffCoT: `prompt || coarse || fine` conditions the first half of the chain on coarse and the second on
     fine; the rollout's prompts (what the reward reads) are the first field; a call mixing stages merges rows."""
-    from rlr_cli.prompts import PromptSource
+    from rlr_cli.prompts import PromptSource, StagedPrompt
 
     policy = component("model=tiny", "model.num_steps=4", "model.eta=1.0", "model.resolution=16",
                        "model.gradient_checkpointing=false", "model.guidance_scale=1.0")
     source = PromptSource(train=["a red circle || a blue square || a green cross", "plain"], train_file=None,
                           eval=None, eval_file=None)
     staged, plain = source.train
-    assert staged == "a red circle" and staged.stages == ("a blue square", "a green cross") and plain == "plain"
+    assert isinstance(staged, StagedPrompt) and staged == "a red circle" and plain == "plain"
+    assert staged.stages == ("a blue square", "a green cross")
 
     def rollout(prompts):
         with torch.no_grad():
