@@ -91,6 +91,11 @@ class Trainer:
         self.policy = run.policy.to(self.accelerator.device)
         if getattr(run.estimator, "h", None) == "auto":
             self._say(memory_plan(run, self.policy, full=False))
+            if self.world > 1:  # every rank trains with rank 0's choice (each measured its own peaks)
+                from accelerate.utils import broadcast_object_list
+
+                estimator: Any = run.estimator  # an RLR (the plan set its h)
+                estimator.h = broadcast_object_list([estimator.h])[0]
         self.params = self.policy.trainable_parameters()
         optimizer, self.scheduler = run.optimizer.build(self.params, self.cfg.max_steps)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)  # steps through the fp16 loss scaler

@@ -161,8 +161,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "compare_toy")
     parser.add_argument("--model", choices=sorted(SETUPS), default="toy",
                         help="toy (DDIM) | toy_flow (the flow SDE): the toy world's setup the presets run in")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="train nothing: tabulate and plot the results.json of these --out folders together")
     parser.add_argument("overrides", nargs="*", help="extra rlr-train overrides for every run")
     args = parser.parse_args()
+    if args.merge:  # each group named after its folder: runs with other overrides side by side
+        runs = {f"{name} ({folder.name})": group for folder in args.merge
+                for name, group in json.loads((folder / "results.json").read_text()).items()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        return report(runs, args.out, args.threshold, args.samples)
     estimators = available(args.estimators)
     if args.model == "toy_flow" and "shortft" in estimators:  # its shortcuts shorten a DDIM chain
         print("shortft: not run on toy_flow (estimator=shortft needs a DDIM model)", flush=True)
@@ -181,13 +188,18 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for (name, _), run in zip(jobs, pool.map(one, jobs)):
             runs.setdefault(name, []).append(run)
+    report(runs, args.out, args.threshold, args.samples)
+
+
+def report(runs: dict[str, list[dict]], out: Path, threshold: float | None, samples: int) -> None:
+    """table.md, results.json and the two plots in out."""
     base = statistics.mean(run["first_eval"]["reward_mean"] for group in runs.values() for run in group)
     best = max(statistics.mean(run["last_eval"]["reward_mean"] for run in group) for group in runs.values())
-    threshold = base + 0.5 * (best - base) if args.threshold is None else args.threshold
-    markdown = table(runs, threshold, args.samples)
-    (args.out / "table.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps(runs, indent=1))
-    plot(runs, args.out)
+    threshold = base + 0.5 * (best - base) if threshold is None else threshold
+    markdown = table(runs, threshold, samples)
+    (out / "table.md").write_text(markdown)
+    (out / "results.json").write_text(json.dumps(runs, indent=1))
+    plot(runs, out)
     print(markdown)
 
 

@@ -41,10 +41,10 @@ TOY_PROMPTS = ["a large red circle on a white background", "a small blue square 
                "a large green triangle on a gray background", "a small yellow cross on a brown background"] * 2
 
 
-def ddpo_on_policy(batch: int):
+def ddpo_on_policy(batch: int, advantages: str = "leave_one_out"):
     """DDPO with one inner epoch and no clipping, in the units of grad J: the on-policy likelihood ratio."""
     return component("estimator=ddpo", "estimator.num_inner_epochs=1", f"estimator.train_batch_size={batch}",
-                     "estimator.grad_accum=1", "estimator.clip_range=null", "estimator.advantages=leave_one_out",
+                     "estimator.grad_accum=1", "estimator.clip_range=null", f"estimator.advantages={advantages}",
                      "estimator.log_prob_reduce=sum", "estimator.timestep_reduce=sum", f"trainer.batch_size={batch}")
 
 
@@ -59,6 +59,7 @@ def estimators(batch: int, num_steps: int, forward_process: bool) -> dict:
         "full_bp": lambda: component("estimator=full_bp"),
         "truncated_bp_k1": lambda: component("estimator=truncated_bp", "estimator.k=1"),
         "ddpo_onpolicy": lambda: ddpo_on_policy(batch),
+        "ddpo_onpolicy_state": lambda: ddpo_on_policy(batch, "state"),
     }
     if forward_process:
         for n in (1, 2, 4):

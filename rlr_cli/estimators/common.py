@@ -171,3 +171,19 @@ class LossTerms:
     def add(self, term: Tensor) -> None:
         self.backward(term)
         self.total += float(term.detach())
+
+
+def state_advantages(policy: Policy, reward: Reward, rollout: Rollout, u: Tensor, steps: Sequence[int], every: int,
+                     target: float | None, reward_scale: float) -> dict[int, Tensor]:
+    """The state baseline's (B,) advantage of each transition i in steps: U - b(x_i), b the utility of the
+    rollout's own x_0 prediction from x_i (which depends only on the state before step i's noise), minus
+    the leave-one-out mean of that residual over the prompt's other samples. b is scored at every every-th
+    transition (one decoder + reward pass of batch B each, no grad) and reused until the next."""
+    assert rollout.x0_predictions is not None, "the policy's rollouts carry no x0 predictions (sample(keep_x0=True))"
+    out = {}
+    for anchor in sorted({i - i % every for i in steps}):
+        with torch.no_grad():
+            value = utility(score(policy, reward, rollout.x0_predictions[:, anchor], rollout.prompts), target, reward_scale)
+        residual = u.detach() - value
+        out[anchor] = residual - leave_one_out_mean(residual, rollout.prompts)
+    return {i: out[i - i % every] for i in steps}

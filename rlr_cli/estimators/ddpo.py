@@ -34,6 +34,7 @@ from rlr_cli.estimators.common import (
     reward_metrics,
     score,
     select,
+    state_advantages,
     utility,
 )
 from rlr_cli.interfaces import Backward, Chain, EstimatorOutput, Policy, Reward, Rollout, RunFacts
@@ -72,7 +73,7 @@ class Batch:
 
     rollout: Rollout
     rewards: Tensor  # (B,)
-    advantages: Tensor  # (B,)
+    advantages: Tensor  # (B,), or (B, T) with a state baseline: each transition's own
     trained: int
 
 
@@ -97,7 +98,7 @@ class DDPO:
         timestep_fraction: Annotated[float, Field(gt=0, le=1)],
         clip_range: Annotated[float, Field(gt=0)] | None,
         adv_clip_max: Annotated[float, Field(gt=0)],
-        advantages: Literal["ddpo", "leave_one_out"],
+        advantages: Literal["ddpo", "leave_one_out", "state"],
         per_prompt_stat_tracking: bool,
         stat_buffer_size: Positive,
         stat_min_count: Positive,
@@ -143,8 +144,17 @@ class DDPO:
         return adv.to(u.device).clamp(-self.adv_clip_max, self.adv_clip_max)
 
     def collect(self, policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator) -> list[Update]:
-        rollout, rewards = sample_and_score(policy, reward, prompts, generator)
-        advantages = self._advantages(utility(rewards, self.target, self.reward_scale), prompts)
+        state = self.advantage_mode == "state"
+        rollout, rewards = sample_and_score(policy, reward, prompts, generator, keep_x0=state)
+        u = utility(rewards, self.target, self.reward_scale)
+        if state:  # every stochastic transition's own advantage (one decoder + reward pass each)
+            steps = stochastic_steps(rollout.chain).tolist()
+            per_step = state_advantages(policy, reward, rollout, u, steps, 1, self.target, self.reward_scale)
+            advantages = torch.zeros(len(prompts), rollout.num_steps, dtype=u.dtype, device=u.device)
+            for i, a in per_step.items():
+                advantages[:, i] = a
+        else:
+            advantages = self._advantages(u, prompts)
         batch = Batch(rollout, rewards, advantages, trained_steps(rollout.chain, self.timestep_fraction))
         return plan(batch, generator, self.num_inner_epochs, self.train_batch_size, self.grad_accum)
 
@@ -155,10 +165,11 @@ class DDPO:
 
 
 def sample_and_score(policy: Policy, reward: Reward, prompts: Sequence[str], generator: torch.Generator,
-                     shared_start: int = 1) -> tuple[Rollout, Tensor]:
+                     shared_start: int = 1, keep_x0: bool = False) -> tuple[Rollout, Tensor]:
     """Trajectories without gradients (their log-probabilities stored) and their rewards."""
     with torch.no_grad():
-        rollout = detached(policy.sample(prompts, generator=generator, grad_steps=(), shared_start=shared_start))
+        rollout = detached(policy.sample(prompts, generator=generator, grad_steps=(), shared_start=shared_start,
+                                         keep_x0=keep_x0))
         rewards = score(policy, reward, rollout.final, prompts).detach()
     return rollout, rewards
 
@@ -208,7 +219,7 @@ def ppo_update(policy: Policy, update: Update, backward: Backward, clip_range: f
             else:
                 new, divergence = policy.step_log_prob(sub, steps, reduce=log_prob_reduce), None
             old = sub.log_probs[rows, steps].to(new) * (dims if log_prob_reduce == "sum" else 1)
-            a = adv[idx].to(new)
+            a = (adv[idx][rows, steps] if adv.dim() == 2 else adv[idx]).to(new)
             ratio = torch.exp(new - old)
             loss = -a * ratio
             if clip_range is not None:

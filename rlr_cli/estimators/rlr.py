@@ -32,13 +32,13 @@ from rlr_cli.estimators.common import (
     advantages,
     detached,
     draw,
-    leave_one_out_mean,
     require_differentiable,
     require_no_kl,
     require_sde_everywhere,
     require_stochastic,
     reward_metrics,
     score,
+    state_advantages,
     utility,
 )
 from rlr_cli.interfaces import Backward, EstimatorOutput, Graph, Policy, Reward, Rollout, RunFacts
@@ -278,16 +278,9 @@ class RLR:
         if self.baseline != "state":
             a = advantages(u, rollout.prompts, self.baseline, self.advantage_std)
             return dict.fromkeys(steps, a)
-        assert rollout.x0_predictions is not None, "the policy's rollouts carry no x0 predictions"
-        every, out = self.baseline_every, {}
-        for anchor in sorted({i - i % every for i in steps}):  # one decoder + reward pass per anchor, batch B
-            with torch.no_grad():
-                value = utility(score(policy, reward, rollout.x0_predictions[:, anchor], rollout.prompts),
-                                self.target, self.reward_scale)
-            residual = u.detach() - value
-            out[anchor] = residual - leave_one_out_mean(residual, rollout.prompts)
+        adv = state_advantages(policy, reward, rollout, u, steps, self.baseline_every, self.target, self.reward_scale)
         scale = u.detach().std() + 1e-8 if self.advantage_std and u.numel() > 1 else 1.0
-        return {i: out[i - i % every] / scale for i in steps}
+        return {i: a / scale for i, a in adv.items()}
 
     @staticmethod
     def _ho_log_density(policy: Policy, rollout: Rollout, start: int, h: int) -> Tensor:

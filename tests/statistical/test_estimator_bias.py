@@ -17,10 +17,10 @@ from rlr_cli.estimators.linear_gaussian import default_problem, flow_problem
 PROMPTS = ["a", "b", "c", "d"] * 8  # B = 32, 8 samples per prompt (leave-one-out per prompt)
 
 
-def ddpo_on_policy(batch: int):
+def ddpo_on_policy(batch: int, advantages: str = "leave_one_out"):
     """DDPO reduced to the plain on-policy likelihood-ratio estimator of grad J."""
     return component("estimator=ddpo", "estimator.num_inner_epochs=1", f"estimator.train_batch_size={batch}",
-                     "estimator.grad_accum=1", "estimator.clip_range=null", "estimator.advantages=leave_one_out",
+                     "estimator.grad_accum=1", "estimator.clip_range=null", f"estimator.advantages={advantages}",
                      "estimator.log_prob_reduce=sum", "estimator.timestep_reduce=sum", f"trainer.batch_size={batch}")
 
 
@@ -63,6 +63,7 @@ UNBIASED = {
     "rlr_h2_ho_range": (lambda T: rlr("estimator.h=2", "estimator.ho_range=[3,6]"), 800),
     "rlr_h2_step_param": (lambda T: rlr("estimator.h=2", "estimator.zo.mode=step_param"), 2000),  # 5x param's variance
     "ddpo_onpolicy": (lambda T: ddpo_on_policy(len(PROMPTS)), 300),
+    "ddpo_onpolicy_state": (lambda T: ddpo_on_policy(len(PROMPTS), "state"), 300),
 }
 
 
@@ -187,4 +188,12 @@ def test_state_baseline_lowers_rlr_variance(problem):
     policy, reward, exact = problem
     plain, _, _ = draw_estimates(rlr("estimator.h=1"), policy, reward, PROMPTS, 200, seed=7)
     state, _, _ = draw_estimates(rlr("estimator.h=1", "estimator.baseline=state"), policy, reward, PROMPTS, 200, seed=7)
+    assert bias_statistics(state, exact)["variance"] * 5 < bias_statistics(plain, exact)["variance"]
+
+
+def test_state_baseline_lowers_ddpo_variance(problem):
+    """The same baseline in DDPO's on-policy likelihood-ratio terms: at least 5x lower variance."""
+    policy, reward, exact = problem
+    plain, _, _ = draw_estimates(ddpo_on_policy(len(PROMPTS)), policy, reward, PROMPTS, 150, seed=7)
+    state, _, _ = draw_estimates(ddpo_on_policy(len(PROMPTS), "state"), policy, reward, PROMPTS, 150, seed=7)
     assert bias_statistics(state, exact)["variance"] * 5 < bias_statistics(plain, exact)["variance"]
