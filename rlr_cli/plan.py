@@ -5,8 +5,8 @@ its backward, and measures the peak memory above what was resident before it (by
 peak; CPU: the peak resident set, Linux):
   B_z     what the rollout keeps per transition (latents, noises, x0 predictions: the no-grad calls' residue)
   single  one differentiated denoiser call on its own (step_log_prob, RLR's HO at h = 1 and ZO)
-  chain   chains of 1 and 2 differentiated calls (transition, checkpointed as the model asks), alone and into
-          the decoder + reward: their difference is B_h, the cost of one more call in a chain
+  chain   chains of 1 and 3 differentiated calls (transition, checkpointed as the model asks), alone and into
+          the decoder + reward: half their difference is B_h, the cost of one more call in a chain
 The estimate: weights + trainable weights x (grad + AdamW's 2 moments [+ EMA]) + T B_z + the largest graph one
 loss term holds (each term's graph is freed by its own backward), a chain of n calls costing chain(1) +
 (n - 1) B_h. This is the RLR paper's rule B_h h + B_z (T - 1 - h) <= B [secondhand] with measured terms.
@@ -36,20 +36,21 @@ class Costs:
     trainable: int
     per_step: int  # B_z
     single: int  # one call on its own, with backward
-    chain: tuple[int, int]  # chains of 1 and 2 calls, with backward
+    chain: tuple[int, int]  # chains of 1 and `length` calls, with backward
     chain_reward: tuple[int, int]  # the same into the decoder + reward
     device: str
+    length: int = 3  # the longer probe chain (3, or T when shorter)
 
     def graph(self, g: Graph) -> int:
         if not g.chained:
             return g.calls * self.single
-        one, two = self.chain_reward if g.reward else self.chain
-        return one + max(g.calls - 1, 0) * max(two - one, 0)
+        one, longer = self.chain_reward if g.reward else self.chain
+        return one + max(g.calls - 1, 0) * max(longer - one, 0) // max(self.length - 1, 1)
 
     @property
     def per_call(self) -> int:
         """B_h: one more call in a chain."""
-        return max(self.chain[1] - self.chain[0], 0)
+        return max(self.chain[1] - self.chain[0], 0) // max(self.length - 1, 1)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class Estimate:
 
 
 def peak_above_resident(device: torch.device) -> Callable[[Callable[[], object]], int]:
-    """A meter: fn -> the peak bytes fn's run held above what was resident before it."""
+    """A meter: fn -> the peak bytes fn's run held above what was resident before it (the smaller of two runs:
+    a first call's one-off allocations, such as caches built on first use, are not the step's)."""
     if device.type == "cuda":
         def cuda(fn: Callable[[], object]) -> int:
             torch.cuda.synchronize(device)
@@ -97,7 +99,10 @@ def peak_above_resident(device: torch.device) -> Callable[[Callable[[], object]]
 def probe(policy, reward: Reward, prompts: list[str], keep_x0: bool) -> Costs:
     """Measure the costs on one no-grad rollout of the policy's own chain (its trajectories are not charged
     to the run's sample budget); every backward goes to autograd.grad, so no .grad is left behind."""
-    measure = peak_above_resident(policy.device)
+    meter = peak_above_resident(policy.device)
+
+    def measure(fn: Callable[[], object]) -> int:
+        return min(meter(fn), meter(fn))
     tensors = [t for m in policy.family.modules() for t in (*m.parameters(), *m.buffers())]
     weights = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     params = policy.trainable_parameters()
@@ -124,11 +129,11 @@ def probe(policy, reward: Reward, prompts: list[str], keep_x0: bool) -> Costs:
             backward(gaussian_log_prob(rollout.latents[:, start + n], last.mean, last.std, reduce="sum").sum())
 
     single = measure(lambda: backward(policy.step_log_prob(rollout, t - 1, reduce="sum").sum()))
-    lengths = (1, min(2, t))
+    lengths = (1, min(3, t))
     return Costs(weights=weights, trainable=sum(p.numel() * p.element_size() for p in params), per_step=per_step,
                  single=single, chain=tuple(measure(lambda n=n: chain(n, False)) for n in lengths),  # type: ignore[arg-type]
                  chain_reward=tuple(measure(lambda n=n: chain(n, True)) for n in lengths),  # type: ignore[arg-type]
-                 device=str(policy.device))
+                 device=str(policy.device), length=lengths[1])
 
 
 def estimate(costs: Costs, graphs: list[Graph], num_steps: int, ema: bool) -> Estimate:

@@ -9,8 +9,8 @@ from rlr_cli.interfaces import Graph
 from rlr_cli.plan import GB, Costs, auto_h, estimate
 
 MB = 2**20
-COSTS = Costs(weights=1000 * MB, trainable=10 * MB, per_step=1 * MB, single=150 * MB, chain=(160 * MB, 260 * MB),
-              chain_reward=(300 * MB, 400 * MB), device="cpu")  # B_h = 100 MB per chained call
+COSTS = Costs(weights=1000 * MB, trainable=10 * MB, per_step=1 * MB, single=150 * MB, chain=(160 * MB, 360 * MB),
+              chain_reward=(300 * MB, 500 * MB), device="cpu", length=3)  # B_h = 100 MB per chained call
 
 
 def test_a_chain_costs_its_first_call_then_b_h_per_call_and_the_largest_graph_sets_the_peak():
