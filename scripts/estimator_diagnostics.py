@@ -69,8 +69,9 @@ def estimators(batch: int, num_steps: int, forward_process: bool) -> dict:
                  "rlr_h2_param": (2, 1, ("estimator.zo.mode=param",)), "rlr_h1_k2": (1, 2, ()), "rlr_h1_k4": (1, 4, ()),
                  "rlr_h1_state": (1, 1, state), "rlr_h1_state_every3": (1, 1, (*state, "estimator.baseline_every=3")),
                  "rlr_h2_state": (2, 1, state), "rlr_h1_k3_state": (1, 3, state),
-                 "rlr_h1_j_grad_norm": (1, 1, ("estimator.j=grad_norm",)),
-                 "rlr_h1_k3_state_j_grad_norm": (1, 3, (*state, "estimator.j=grad_norm")),
+                 "rlr_h2_j_grad_norm": (2, 1, ("estimator.j=grad_norm",)),
+                 "rlr_h2_k3_state": (2, 3, state),
+                 "rlr_h2_k3_state_j_grad_norm": (2, 3, (*state, "estimator.j=grad_norm")),
                  "rlr_h2_step_param": (2, 1, ("estimator.zo.mode=step_param",))}
     for name, (h, k, extra) in rlr_table.items():
         if h + k <= num_steps:

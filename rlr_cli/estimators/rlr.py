@@ -5,11 +5,13 @@ With K = fo_steps and a sub-chain of h transitions starting at a random transiti
   HO  transitions j..j+h-1 re-run from x = latents[j] detached with their own noises; m = the mean of
       the last one; borrowed noise: latents[j+h] = m + sigma z; surrogate -(A * log N(latents[j+h]; m, sigma^2 I))
   ZO  every other transition (set C): latent mode -(A * log p(latents[i+1] | latents[i])), param mode a
-      two-point SPSA on the trainable parameters, perturbed only at the transitions of C
+      two-point SPSA on the trainable parameters, perturbed only at the transitions of C (step_param: an
+      independent direction per transition, scaled by its noise level)
 Every transition is covered once, so for any j the sum is unbiased (the leave-one-out baselines keep it
-so); log-densities are SUMMED over latent dims. baseline=state: each likelihood-ratio term of transition i
-uses A_i = U - b(x_i), b(x_i) the utility of the sampler's own x_0 prediction from the transition's input
-(it depends only on the state before the step's noise, so the term stays unbiased), minus the leave-one-out
+so), and so is any law of j: uniform within ho_range, or j=grad_norm's. Log-densities are SUMMED over
+latent dims. baseline=state: each likelihood-ratio term of transition i uses A_i = U - b(x_i), b(x_i) the
+utility of the sampler's own x_0 prediction from the transition's input (it depends only on the state
+before the step's noise, so the term stays unbiased), minus the leave-one-out
 mean of that residual over the prompt's other samples; b is scored every baseline_every-th transition and
 reused until the next (an earlier state is as valid a baseline, if a less informed one). Every term goes to
 the trainer's backward as soon as it is formed (FO, HO, then each ZO step), so memory does not grow with T.
@@ -75,9 +77,6 @@ def spsa_gradient(
         raise UserError("estimator.zo.mode=step_param needs noise at every ZO transition (std > 0); this chain "
                         "has a deterministic one: use zo.mode=param or a larger fo_steps")
 
-    def fresh() -> list[Tensor]:
-        return [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
-
     if per_step:  # one seed per step: each D_i is drawn again where it is used, never all held at once
         seeds = {i: int(torch.randint(2**62, (1,), generator=generator)) for i in perturbed}
 
@@ -85,7 +84,7 @@ def spsa_gradient(
             local = torch.Generator().manual_seed(seeds[i])
             return [torch.randn(p.shape, generator=local, dtype=torch.float32).to(p) for p in params]
     else:
-        shared = fresh()
+        shared = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
 
         def direction(i: int) -> list[Tensor]:
             return shared
@@ -164,6 +163,12 @@ class RLR:
         if k + h > run.num_steps:
             raise UserError(f"estimator=rlr needs estimator.fo_steps + estimator.h <= model.num_steps, got "
                             f"{k} + {h} > {run.num_steps}")
+        zo = options["zo"]
+        same_terms = h == 1 and zo.mode == "latent" and zo.steps == "all" and options["ho_weight"] == options["zo_weight"]
+        if same_terms and (options["ho_range"] or options["j"] != "uniform"):
+            raise UserError("estimator.ho_range and estimator.j choose where the HO sub-chain starts, which changes "
+                            "nothing at h=1 with every ZO step in latent mode (HO at h=1 is the likelihood-ratio "
+                            "term ZO would give that step): set estimator.h >= 2")
         if options["ho_range"] is not None:
             a, b = options["ho_range"]
             if not a <= b <= run.num_steps - k - h:

@@ -59,7 +59,7 @@ UNBIASED = {
     "rlr_h1_state": (lambda T: rlr("estimator.h=1", "estimator.baseline=state"), 800),
     "rlr_h2_state_every3": (lambda T: rlr("estimator.h=2", "estimator.baseline=state", "estimator.baseline_every=3"), 800),
     "rlr_k3_h2_state": (lambda T: rlr("estimator.h=2", "estimator.fo_steps=3", "estimator.baseline=state"), 800),
-    "rlr_h1_j_grad_norm": (lambda T: rlr("estimator.h=1", "estimator.j=grad_norm"), 800),  # j's law learns across draws
+    "rlr_h2_j_grad_norm": (lambda T: rlr("estimator.h=2", "estimator.j=grad_norm"), 800),  # j's law learns across draws
     "rlr_h2_ho_range": (lambda T: rlr("estimator.h=2", "estimator.ho_range=[3,6]"), 800),
     "rlr_h2_step_param": (lambda T: rlr("estimator.h=2", "estimator.zo.mode=step_param"), 2000),  # 5x param's variance
     "ddpo_onpolicy": (lambda T: ddpo_on_policy(len(PROMPTS)), 300),

@@ -349,18 +349,20 @@ def test_rlr_ho_range_and_grad_norm_j_draw_starts_inside_the_range_and_learn_the
     """ho_range keeps every HO start in [a, b]; j=grad_norm measures the HO term's gradient norm per start
     (its moving average survives a checkpoint as JSON) and still hands the HO gradient to backward."""
     policy, reward = problem
-    rlr = component("estimator=rlr", "estimator.fo_steps=1", "estimator.ho_range=[2,4]", "estimator.j=grad_norm")
+    rlr = component("estimator=rlr", "estimator.fo_steps=1", "estimator.h=2", "estimator.ho_range=[2,4]",
+                    "estimator.j=grad_norm")
     generator = torch.Generator().manual_seed(0)
     starts = {int(estimate(rlr, policy, reward, PROMPTS, generator).metrics["ho_start"]) for _ in range(40)}
     assert starts == {2, 3, 4} and set(rlr.ho_grad_norms) == starts
     assert all(norm > 0 for norm in rlr.ho_grad_norms.values())
-    restored = component("estimator=rlr", "estimator.j=grad_norm")
+    restored = component("estimator=rlr", "estimator.h=2", "estimator.j=grad_norm")
     restored.load_state_dict(json.loads(json.dumps(rlr.state_dict())))
     assert restored.ho_grad_norms == rlr.ho_grad_norms
 
     # the measured HO term's gradient is the plain HO term's: the same estimate for the same draws
-    plain = component("estimator=rlr", "estimator.fo_steps=1", "estimator.ho_range=[3,3]")
-    measured = component("estimator=rlr", "estimator.fo_steps=1", "estimator.ho_range=[3,3]", "estimator.j=grad_norm")
+    plain = component("estimator=rlr", "estimator.fo_steps=1", "estimator.h=2", "estimator.ho_range=[3,3]")
+    measured = component("estimator=rlr", "estimator.fo_steps=1", "estimator.h=2", "estimator.ho_range=[3,3]",
+                         "estimator.j=grad_norm")
     gradients = []
     for estimator in (plain, measured):
         policy.zero_grad()
@@ -369,11 +371,19 @@ def test_rlr_ho_range_and_grad_norm_j_draw_starts_inside_the_range_and_learn_the
     assert torch.allclose(*gradients, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("bad", ["[5,3]", "[0,11]"])
+@pytest.mark.parametrize("bad", ["[5,3]", "[0,10]"])
 def test_rlr_ho_range_outside_the_chain_is_one_clear_error(bad):
-    with pytest.raises(UserError, match=r"estimator.ho_range=.*a <= b <= model.num_steps - fo_steps - h = 10"):
-        component("estimator=rlr", "model=toy", "model.num_steps=12", "estimator.fo_steps=1", "estimator.h=1",
+    with pytest.raises(UserError, match=r"estimator.ho_range=.*a <= b <= model.num_steps - fo_steps - h = 9"):
+        component("estimator=rlr", "model=toy", "model.num_steps=12", "estimator.fo_steps=1", "estimator.h=2",
                   f"estimator.ho_range={bad}")
+
+
+@pytest.mark.parametrize("option", ["estimator.ho_range=[2,4]", "estimator.j=grad_norm"])
+def test_choosing_the_ho_start_at_h_1_is_refused_where_it_changes_nothing(option):
+    """At h = 1 with latent ZO on every other step, HO and ZO give each transition the same term, whatever j."""
+    with pytest.raises(UserError, match="changes nothing at h=1 .* set estimator.h >= 2"):
+        component("estimator=rlr", "estimator.h=1", option)
+    component("estimator=rlr", "estimator.h=1", "estimator.zo.mode=param", option)  # there j matters
 
 
 def test_rlr_step_param_zo_perturbs_each_step_by_its_own_noise_level(problem):
