@@ -103,6 +103,7 @@ def probe(policy, reward: Reward, prompts: list[str], keep_x0: bool) -> Costs:
 
     def measure(fn: Callable[[], object]) -> int:
         return min(meter(fn), meter(fn))
+
     tensors = [t for m in policy.family.modules() for t in (*m.parameters(), *m.buffers())]
     weights = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     params = policy.trainable_parameters()
@@ -162,30 +163,26 @@ def describe(costs: Costs, graphs: list[Graph], num_steps: int, batch: int, ema:
 
 
 def auto_h(estimator, costs: Costs, num_steps: int, budget_gb: float, ema: bool) -> str:
-    """Set estimator.h to the largest h that fits the budget; the one line that says why."""
+    """Set estimator.h to the largest h that fits the budget (the peak grows with h); the one line that says why."""
     k = estimator.fo_steps
     last = num_steps - k - (estimator.ho_range[1] if estimator.ho_range is not None else 0)
-    fits = []
-    for h in range(1, max(last, 0) + 1):
-        estimator.h = h
-        peak = estimate(costs, estimator.graphs(num_steps), num_steps, ema)
-        if peak.total > budget_gb * GB:
-            break
-        fits.append((h, peak))
-    if not fits:
-        estimator.h = 1
-        need = estimate(costs, estimator.graphs(num_steps), num_steps, ema)
+
+    def peak(h: int) -> Estimate:
+        return estimate(costs, graphs_at(estimator, h, num_steps), num_steps, ema)
+
+    fitting = [h for h in range(1, last + 1) if peak(h).total <= budget_gb * GB]
+    if not fitting:
         raise UserError(f"estimator.h=auto: not even h=1 fits trainer.memory_budget_gb={budget_gb:g}: it needs "
-                        f"{need.line()}; raise the budget or lower trainer.batch_size / estimator.fo_steps")
-    h, peak = fits[-1]
-    estimator.h = h
-    why = (f"h={h + 1} would need {estimate(costs, graphs_at(estimator, h + 1, num_steps), num_steps, ema).total / GB:.3g} GB"
-           if h < last else f"h={h} is the longest sub-chain fo_steps={k} leaves")
+                        f"{peak(1).line()}; raise the budget or lower trainer.batch_size / estimator.fo_steps")
+    h = estimator.h = fitting[-1]
+    why = f"h={h + 1} would need {peak(h + 1).total / GB:.3g} GB" if h < last else \
+        f"h={h} is the longest sub-chain fo_steps={k} leaves"
     return (f"estimator.h=auto: h={h}, the largest that fits trainer.memory_budget_gb={budget_gb:g}: estimated peak "
-            f"{peak.line()}; {why}")
+            f"{peak(h).line()}; {why}")
 
 
 def graphs_at(estimator, h: int, num_steps: int) -> list[Graph]:
+    """The estimator's graphs at sub-chain length h (its own h is left as it was)."""
     kept, estimator.h = estimator.h, h
     try:
         return estimator.graphs(num_steps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,9 @@ CPU_ROWS = {  # name -> rlr-train overrides
     "tiny_sd3 rlr h=2": ["model=tiny_sd3", "reward=saturation", "estimator=rlr", "estimator.h=2"],
     "tiny_flux rlr h=2": ["model=tiny_flux", "reward=saturation", "estimator=rlr", "estimator.h=2"],
 }
-CUDA_ROWS = {
-    "sd15-shaped 512px rlr h=1": ["model=sd15", "model.random_weights=true", "reward=saturation", "estimator=rlr",
-                                  "estimator.h=1"],
-    "sd15-shaped 512px rlr h=4": ["model=sd15", "model.random_weights=true", "reward=saturation", "estimator=rlr",
-                                  "estimator.h=4"],
+CUDA_ROWS = {  # SD15 is the SD-1.5-shaped random pipeline scripts/bench_estimators.py writes
+    "sd15-shaped 512px rlr h=1": ["model=sd15", "model.path=SD15", "reward=saturation", "estimator=rlr", "estimator.h=1"],
+    "sd15-shaped 512px rlr h=4": ["model=sd15", "model.path=SD15", "reward=saturation", "estimator=rlr", "estimator.h=4"],
 }
 
 
@@ -104,7 +103,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child), args.steps, args.device)))
         return
-    rows = dict(CPU_ROWS) | (CUDA_ROWS if args.device.startswith("cuda") else {})
+    rows = dict(CPU_ROWS)
+    if args.device.startswith("cuda"):
+        from bench_estimators import sd15_pipeline_folder
+
+        folder = sd15_pipeline_folder(os.environ.get("RLR_CACHE_DIR", os.path.expanduser("~/.cache/rlr-train")))
+        rows |= {name: [o.replace("=SD15", f"={folder}") for o in overrides] for name, overrides in CUDA_ROWS.items()}
     chosen = args.rows.split(",") if args.rows else list(rows)
     what = "whole step (max_memory_allocated)" if args.device != "cpu" else "above the resident size before the steps (VmHWM)"
     lines = [f"Memory planner against {args.steps} real training steps on {args.device}, batch {args.batch_size}; "
