@@ -6,9 +6,10 @@
     python scripts/bench_estimators.py --out bench.md
 
 Every estimator is built from its configs/estimator/*.yaml defaults (the published ones, but rlr's
-fo_steps is 3) as `rlr-train model=tiny estimator=NAME` composes it, and the reward is saturation (differentiable,
-no weights). An estimator that cannot run on the benched model (a ShortFT shortcut of another model, or
-one whose hub weights are not here) is listed under the table with its one-line reason. One training
+fo_steps is 3 and its baseline the state one) as `rlr-train model=tiny estimator=NAME` composes it, and
+the reward is saturation (differentiable, no weights). An estimator that cannot run on the benched model
+(a ShortFT shortcut of another model, or one whose hub weights are not here) is listed under the table
+with its one-line reason. One training
 step = one estimator call + backward + AdamW step (a buffered estimator's batch is collected, then trained
 with its updates: rlr_official's step time is half of sampling + its FO and HO steps). Times are the fastest
 of --steps repeats, the sampling pass's the fastest of its runs beside every estimator (machines here are shared). Peak memory:
@@ -142,8 +143,8 @@ def bench(model: str, device: str, batch: int, num_steps: int, steps: int, check
         variants += [(f"{name} + kl", name, (f"regularizer.kl_beta={kl_beta}",))
                      for name, _, _ in variants if name in KL_ESTIMATORS]
     if any(name == "rlr" for name, _, _ in variants):  # the state baseline's cost: decoder + reward passes only
-        variants += [("rlr + state baseline", "rlr", ("estimator.baseline=state",)),
-                     ("rlr + state baseline every 3", "rlr", ("estimator.baseline=state", "estimator.baseline_every=3"))]
+        variants += [("rlr, leave-one-out baseline", "rlr", ("estimator.baseline=leave_one_out_prompt",)),
+                     ("rlr, state baseline every 3", "rlr", ("estimator.baseline_every=3",))]
     for name, estimator_name, overrides in variants:
         try:
             estimator = load_estimator(estimator_name, model, num_steps, batch, *overrides)

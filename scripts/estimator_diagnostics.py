@@ -49,8 +49,9 @@ def ddpo_on_policy(batch: int, advantages: str = "leave_one_out"):
 
 
 def rlr(h: int, fo_steps: int = 1, *overrides: str):
-    """RLR as configured, with the published fo_steps 1 unless given."""
-    return component("estimator=rlr", f"estimator.h={h}", f"estimator.fo_steps={fo_steps}", *overrides)
+    """RLR with the published fo_steps 1 and leave-one-out baseline unless given (a later value wins)."""
+    return component("estimator=rlr", f"estimator.h={h}", f"estimator.fo_steps={fo_steps}",
+                     "estimator.baseline=leave_one_out_prompt", *overrides)
 
 
 def estimators(batch: int, num_steps: int, forward_process: bool) -> dict:

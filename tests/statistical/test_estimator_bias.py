@@ -25,8 +25,8 @@ def ddpo_on_policy(batch: int, advantages: str = "leave_one_out"):
 
 
 def rlr(*overrides: str):
-    """RLR with the published fo_steps 1 unless overridden."""
-    return component("estimator=rlr", "estimator.fo_steps=1", *overrides)
+    """RLR with the published fo_steps 1 and leave-one-out baseline unless overridden (a later value wins)."""
+    return component("estimator=rlr", "estimator.fo_steps=1", "estimator.baseline=leave_one_out_prompt", *overrides)
 
 
 @pytest.fixture(scope="module")
