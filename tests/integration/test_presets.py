@@ -51,6 +51,8 @@ def test_preset_runs_two_steps_on_the_toy_model(preset, tmp_path, monkeypatch):
         extra += ["estimator.train_batch_size=2", "estimator.grad_accum=1"]
     if "grpo" in preset:
         extra += ["estimator.group_size=2"]
+    if "diffcot" in preset:  # its ho_range [7, 13] is set on the toy's own 20 steps (4 would be refused)
+        extra += ["model.num_steps=20"]
     run = build_run(f"experiment={preset}", *small_model(preset), *SMALL, *extra)
     result = Trainer(run, tmp_path / "run").train()
     lines = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
