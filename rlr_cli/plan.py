@@ -201,9 +201,10 @@ def plan(policy, reward: Reward, prompts: list[str], estimator, ema: bool, budge
         assert budget_gb is not None, "the validation pass requires trainer.memory_budget_gb with h=auto"
         lines.append(auto_h(estimator, costs, t, budget_gb, ema))
     if full:
-        lines.append(describe(costs, estimator.graphs(t), t, len(prompts), ema))
+        graphs = estimator.graphs(t)
+        lines.append(describe(costs, graphs, t, len(prompts), ema))
         if budget_gb is not None:
-            peak = estimate(costs, estimator.graphs(t), t, ema).total / GB
+            peak = estimate(costs, graphs, t, ema).total / GB
             verdict = "fits" if peak <= budget_gb else "does NOT fit"
             lines.append(f"  trainer.memory_budget_gb={budget_gb:g}: {verdict} ({peak:.3g} GB)")
     return "\n".join(lines)

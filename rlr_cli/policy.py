@@ -6,7 +6,6 @@ argument (ShortFT samples its shortcut chain with the same policy); a rollout re
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Chain, Family, Rollout, Transition
 from rlr_cli.lora import LoraOptions
 from rlr_cli.prompts import StagedPrompt, stage_count
-from rlr_cli.sampling import as_steps, column, gaussian_log_prob, start_noise
+from rlr_cli.sampling import as_steps, column, gaussian_log_prob, map_batch, start_noise
 
 
 @dataclass(frozen=True)
@@ -35,23 +34,11 @@ class StagedCond:
         stage = torch.tensor(self.stage_of)[steps.cpu()]
         if bool((stage == stage[0]).all()):
             return self.stages[int(stage[0])]
-        return merge_rows(list(self.stages), stage, len(steps))
+        b = len(steps)
 
-
-def merge_rows(conds: list[Any], stage: Tensor, b: int) -> Any:
-    """One conditioning of the stages' common structure whose row k is conds[stage[k]]'s row k; tensors
-    without a batch dim (b) are the stages' shared ones."""
-    first = conds[0]
-    if torch.is_tensor(first):
-        if first.dim() == 0 or first.shape[0] != b:
-            return first
-        return torch.stack(conds)[stage.to(first.device), torch.arange(b, device=first.device)]
-    if isinstance(first, (list, tuple)):
-        return type(first)(merge_rows(list(parts), stage, b) for parts in zip(*conds))
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(first, **{f.name: merge_rows([getattr(c, f.name) for c in conds], stage, b)
-                                             for f in dataclasses.fields(first) if f.init})
-    return first
+        def rows(tensors: list[Tensor]) -> Tensor:  # row k from stage[k]'s conditioning
+            return torch.stack(tensors)[stage.to(tensors[0].device), torch.arange(b, device=tensors[0].device)]
+        return map_batch(list(self.stages), rows, b)
 
 
 class DiffusionPolicy:

@@ -16,7 +16,9 @@ sit at different transitions runs in one call, with the same numbers as one step
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -200,3 +202,20 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean"
     log_prob = -((x.detach() - mean) ** 2) / two_var - log_std - 0.5 * math.log(2 * math.pi)
     log_prob = log_prob.flatten(1)
     return log_prob.mean(dim=1) if reduce == "mean" else log_prob.sum(dim=1)
+
+
+def map_batch(structures: Sequence[Any], fn: Callable[[list[Tensor]], Tensor], b: int) -> Any:
+    """Structures of one shape (a tensor, or a tuple / list / dict / dataclass of them, e.g. a conditioning)
+    -> that shape with fn applied to the tensors at each place whose first dim is b (the batch); any other
+    leaf (a shared tensor of another first dim, an int) is the first structure's."""
+    first = structures[0]
+    if torch.is_tensor(first):
+        return fn(list(structures)) if first.dim() > 0 and first.shape[0] == b else first
+    if isinstance(first, (list, tuple)):
+        return type(first)(map_batch(parts, fn, b) for parts in zip(*structures))
+    if isinstance(first, dict):
+        return {k: map_batch([s[k] for s in structures], fn, b) for k in first}
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: map_batch([getattr(s, f.name) for s in structures], fn, b)
+                                             for f in dataclasses.fields(first) if f.init})
+    return first

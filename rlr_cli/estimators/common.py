@@ -9,6 +9,7 @@ from torch import Tensor
 
 from rlr_cli.errors import UserError
 from rlr_cli.interfaces import Backward, Policy, Reward, Rollout, RunFacts
+from rlr_cli.sampling import map_batch
 
 
 def utility(rewards: Tensor, target: float | None, scale: float) -> Tensor:
@@ -129,24 +130,12 @@ def select(rollout: Rollout, idx: Tensor) -> Rollout:
     (e.g. a shared unconditional embedding of batch 1) are kept as they are.
     """
     b = rollout.latents.shape[0]
-
-    def pick(obj):
-        if torch.is_tensor(obj):
-            return obj[idx.to(obj.device)] if obj.dim() > 0 and obj.shape[0] == b else obj
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(pick(o) for o in obj)
-        if isinstance(obj, dict):
-            return {k: pick(v) for k, v in obj.items()}
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return dataclasses.replace(obj, **{f.name: pick(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
-        return obj
-
     return dataclasses.replace(
         rollout,
         latents=rollout.latents[idx],
         noises=rollout.noises[idx],
         log_probs=rollout.log_probs[idx],
-        cond=pick(rollout.cond),
+        cond=map_batch([rollout.cond], lambda tensors: tensors[0][idx.to(tensors[0].device)], b),
         prompts=[rollout.prompts[k] for k in idx.tolist()],
         x0_predictions=None if rollout.x0_predictions is None else rollout.x0_predictions[idx],
     )
